@@ -1,0 +1,17 @@
+"""SODA kernels: fused Triton kernels for distributional alignment in generative recommendation.
+
+Public API (SPEC section 3)::
+
+    import soda_kernels as sk
+    sk.codebook_log_softmax(x, codebooks, temperature=1.0)
+    sk.pairwise_kl(p_logits, q_logits, layer_weights=None)
+    sk.distributional_bpr(user, items, codebooks, positives, negatives=None, ...)
+    sk.DistributionalBPRLoss(**options)
+"""
+
+from .codebook_log_softmax import codebook_log_softmax
+from .distributional_bpr import DistributionalBPRLoss, distributional_bpr
+from .pairwise_kl import pairwise_kl
+
+__all__ = ["codebook_log_softmax", "pairwise_kl", "distributional_bpr", "DistributionalBPRLoss"]
+__version__ = "0.1.0"

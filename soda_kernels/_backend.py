@@ -1,0 +1,37 @@
+"""Backend selection: ``"auto"`` runs the Triton kernels on CUDA tensors and PyTorch elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._validation import BACKENDS, check_option
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, **tensors: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for these (already validated) tensors."""
+    check_option("backend", backend, BACKENDS)
+    first = next(iter(tensors.values()))
+    if backend == "auto":
+        on_gpu = first.is_cuda and all(t.dtype in TRITON_DTYPES for t in tensors.values())
+        return "triton" if on_gpu else "torch"
+    if backend == "triton":
+        for name, tensor in tensors.items():
+            if tensor.dtype not in TRITON_DTYPES:
+                raise TypeError(
+                    f"backend='triton' takes float32, bfloat16 or float16 tensors; {name} is {tensor.dtype} "
+                    "(use backend='torch' for float64)"
+                )
+        if not first.is_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton, or use backend='torch'"
+            )
+    return backend

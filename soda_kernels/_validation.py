@@ -1,0 +1,174 @@
+"""Argument checks shared by every public function.
+
+Every check runs before any computation and raises an exception that names the
+argument and says what was expected, so a bad call never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+BACKENDS = ("auto", "triton", "torch")
+IN_BATCH_MODES = ("items", "users", "both", "mean")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
+    """A floating-point tensor of rank ``ndim`` (``dims`` spells its axes)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({dims}), got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+            f"got {value.dtype}"
+        )
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape ({dims}), got a {value.dim()}-d tensor of shape {tuple(value.shape)}")
+    return value
+
+
+def check_index_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int64 torch.Tensor of shape ({dims}), got {type(value).__name__}")
+    if value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape ({dims}), got a {value.dim()}-d tensor of shape {tuple(value.shape)}")
+    return value
+
+
+def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> None:
+    """Every entry of ``value`` lies in [low, high)."""
+    if value.numel() == 0:
+        return
+    smallest, largest = int(value.min()), int(value.max())
+    if smallest < low or largest >= high:
+        bad = smallest if smallest < low else largest
+        padding = " (-1 is padding)" if low == -1 else ""
+        raise IndexError(f"{name} holds {bad}, outside the valid range [{low}, {high}){padding}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first
+
+
+def check_temperature(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def check_option(name: str, value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def check_layer_weights(value, num_layers: int, device: torch.device) -> torch.Tensor:
+    """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` non-negative weights.
+
+    Returned as a detached float32 tensor on ``device``: layer weights get no gradient.
+    """
+    if value is None:
+        return torch.ones(num_layers, dtype=torch.float32, device=device)
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"layer_weights must be real numbers, got {value.dtype}")
+        weights = value.detach().to(device=device, dtype=torch.float32)
+    else:
+        try:
+            weights = torch.tensor([float(v) for v in value], dtype=torch.float32, device=device)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"layer_weights must be a sequence of numbers or a 1-d tensor: {error}") from None
+    if weights.dim() != 1 or weights.numel() != num_layers:
+        raise ValueError(f"layer_weights must hold L={num_layers} weights, got shape {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"layer_weights must be finite and >= 0, got {weights.tolist()}")
+    return weights
+
+
+def check_codebooks(codebooks) -> tuple[int, int, int]:
+    check_float_tensor("codebooks", codebooks, 3, "L, K, d")
+    num_layers, num_codes, dim = codebooks.shape
+    if num_layers < 1 or dim < 1:
+        raise ValueError(f"codebooks must have L >= 1 and d >= 1, got shape {tuple(codebooks.shape)}")
+    if num_codes < 2:
+        raise ValueError(f"codebooks must have K >= 2 codewords per layer, got K={num_codes}")
+    return num_layers, num_codes, dim
+
+
+def check_residuals(name: str, value, num_layers: int, dim: int, rows: str) -> None:
+    check_float_tensor(name, value, 3, f"{rows}, L, d")
+    if value.shape[1] != num_layers:
+        raise ValueError(f"{name} has L={value.shape[1]} layers but codebooks has L={num_layers}")
+    if value.shape[2] != dim:
+        raise ValueError(f"{name} has d={value.shape[2]} but codebooks has d={dim}")
+
+
+@dataclass(frozen=True)
+class BPRArgs:
+    """The validated, normalised arguments of ``distributional_bpr``."""
+
+    layer_weights: torch.Tensor
+    temperature: float
+    user_temperature: float
+    in_batch: str
+    reduction: str
+    backend: str
+
+
+def check_distributional_bpr(
+    user, items, codebooks, positives, negatives, *, user_logits, in_batch, symmetric,
+    temperature, user_temperature, layer_weights, reduction, backend,
+) -> BPRArgs:
+    if not isinstance(user_logits, bool):
+        raise TypeError(f"user_logits must be a bool, got {type(user_logits).__name__}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    num_layers, num_codes, dim = check_codebooks(codebooks)
+    if user_logits:
+        check_float_tensor("user", user, 3, "B, L, K")
+        if user.shape[1] != num_layers or user.shape[2] != num_codes:
+            raise ValueError(
+                f"user (logits) must have shape (B, L={num_layers}, K={num_codes}), got {tuple(user.shape)}"
+            )
+    else:
+        check_residuals("user", user, num_layers, dim, "B")
+    check_residuals("items", items, num_layers, dim, "N")
+    check_index_tensor("positives", positives, 1, "B")
+    batch = user.shape[0]
+    if positives.shape[0] != batch:
+        raise ValueError(f"positives must have B={batch} entries (one per user row), got {positives.shape[0]}")
+    if batch == 0:
+        raise ValueError("user must hold at least one row (B >= 1)")
+    tensors = dict(user=user, items=items, codebooks=codebooks, positives=positives)
+    if negatives is not None:
+        check_index_tensor("negatives", negatives, 2, "B, S")
+        if negatives.shape[0] != batch:
+            raise ValueError(f"negatives must have B={batch} rows, got shape {tuple(negatives.shape)}")
+        tensors["negatives"] = negatives
+    device = check_same_device(**tensors)
+    check_option("in_batch", in_batch, IN_BATCH_MODES)
+    check_option("reduction", reduction, REDUCTIONS)
+    check_option("backend", backend, BACKENDS)
+    tau = check_temperature("temperature", temperature)
+    tau_user = tau if user_temperature is None else check_temperature("user_temperature", user_temperature)
+    weights = check_layer_weights(layer_weights, num_layers, device)
+    num_items = items.shape[0]
+    check_index_range("positives", positives, 0, num_items)
+    if negatives is not None:
+        check_index_range("negatives", negatives, -1, num_items)
+    return BPRArgs(weights, tau, tau_user, in_batch, reduction, backend)

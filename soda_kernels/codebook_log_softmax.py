@@ -1,0 +1,112 @@
+"""Soft codebook assignment: log softmax_k(-||x[n,l] - C[l,k]||^2 / tau).
+
+Forward, per tile of rows and one layer: pass 1 streams K tiles of distance logits
+(a tl.dot against the codebook) through an online log-sum-exp; pass 2 recomputes
+each tile and writes a - lse. Backward, from the saved output log P:
+
+    dLoss/da_k = G_k - P_k sum_j G_j          (G = dLoss/dlog P; sums to 0 over k)
+
+then onto x and C with ``project_logit_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import torch_backend
+from ._backend import resolve_backend
+from ._triton_utils import FP32_DOT_PRECISION, block_size, codebook_logits_tile, project_logit_grad
+from ._validation import check_codebooks, check_residuals, check_same_device, check_temperature
+
+
+@triton.jit
+def _codebook_log_softmax_kernel(
+    x_ptr, stride_xn, stride_xl, stride_xd,
+    c_ptr, stride_cl, stride_ck, stride_cd,
+    out_ptr, stride_on, stride_ol, stride_ok,
+    num_rows, num_codes, dim, inv_temperature,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    layer = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_rows
+    running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_R,), tl.float32)
+    for k_start in range(0, num_codes, BLOCK_K):
+        codes = k_start + tl.arange(0, BLOCK_K)
+        logits = codebook_logits_tile(
+            x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd,
+            c_ptr, layer, codes, codes < num_codes, stride_cl, stride_ck, stride_cd,
+            dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
+        )
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+    log_sum_exp = running_max + tl.log(running_sum)
+    for k_start in range(0, num_codes, BLOCK_K):
+        codes = k_start + tl.arange(0, BLOCK_K)
+        code_mask = codes < num_codes
+        logits = codebook_logits_tile(
+            x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd,
+            c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
+            dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
+        )
+        out = out_ptr + rows[:, None] * stride_on + layer * stride_ol + codes[None, :] * stride_ok
+        tl.store(out, logits - log_sum_exp[:, None], mask=row_mask[:, None] & code_mask[None, :])
+
+
+def codebook_log_softmax_forward(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
+    num_rows, num_layers, dim = x.shape
+    num_codes = codebooks.shape[1]
+    out = torch.empty((num_rows, num_layers, num_codes), dtype=torch.float32, device=x.device)
+    block_r = block_size(num_rows, high=64)
+    grid = (triton.cdiv(num_rows, block_r), num_layers)
+    _codebook_log_softmax_kernel[grid](
+        x, *x.stride(), codebooks, *codebooks.stride(), out, *out.stride(),
+        num_rows, num_codes, dim, 1.0 / temperature,
+        BLOCK_R=block_r, BLOCK_K=block_size(num_codes), BLOCK_D=block_size(dim, high=64),
+        PRECISION=FP32_DOT_PRECISION,
+    )
+    return out
+
+
+class CodebookLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codebooks, temperature):
+        log_probs = codebook_log_softmax_forward(x, codebooks, temperature)
+        ctx.save_for_backward(x, codebooks, log_probs)
+        ctx.temperature = temperature
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        x, codebooks, log_probs = ctx.saved_tensors
+        grad_log_probs = grad_log_probs.float()
+        grad_logits = grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
+        grad_x, grad_c = project_logit_grad(grad_logits, x, codebooks, ctx.temperature)
+        return grad_x.to(x.dtype), grad_c.to(codebooks.dtype), None
+
+
+def codebook_log_softmax(
+    x: torch.Tensor, codebooks: torch.Tensor, temperature: float = 1.0, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Log soft assignment of per-layer residuals to their layer's codewords.
+
+    Args:
+        x: (N, L, d) residuals, float32 / bfloat16 / float16 (float64 on the torch backend).
+        codebooks: (L, K, d) codewords.
+        temperature: tau > 0.
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        (N, L, K) float32 (float64 for float64 inputs): log softmax_k(-||x[n,l] - C[l,k]||^2 / tau).
+    """
+    num_layers, _, dim = check_codebooks(codebooks)
+    check_residuals("x", x, num_layers, dim, "N")
+    check_same_device(x=x, codebooks=codebooks)
+    tau = check_temperature("temperature", temperature)
+    if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
+        return torch_backend.codebook_log_softmax(x, codebooks, tau)
+    return CodebookLogSoftmax.apply(x, codebooks, tau)

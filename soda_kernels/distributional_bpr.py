@@ -1,0 +1,107 @@
+"""Distributional BPR: rank a user's target item by negative KL between code distributions.
+
+    P_n^l = softmax_k(-||items[n,l] - C[l,k]||^2 / tau)          item n, layer l
+    Q_b^l = softmax_k(-||user[b,l] - C[l,k]||^2 / tau_u)         (or softmax(user[b,l]) for logits)
+    s(b, n) = -sum_l w_l [KL(P_n^l || Q_b^l) (+ KL(Q_b^l || P_n^l) when symmetric)]
+    term(pos, neg) = softplus(s_neg - s_pos) = -log sigmoid(s_pos - s_neg)
+
+Negatives come from ``negatives`` (B, S) (-1 = padding) or from the batch (``in_batch``):
+with S[b, m] = s(b, pos[m]) and m valid for row b when pos[m] != pos[b],
+
+    "items": term(S[b,b], S[b,m])   "users": term(S[b,b], S[m,b])   "both": the union
+    "mean":  term(S[b,b], s(mean of Q_m over valid m, pos[b]))      (no term without a valid m)
+
+Reductions: "mean" over all terms (0 without terms), "sum", "none" (B,) per-row mean.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import torch_backend
+from ._backend import resolve_backend
+from ._validation import check_distributional_bpr
+from .in_batch_bpr import in_batch_bpr
+from .sampled_bpr import sampled_bpr
+
+
+def distributional_bpr(
+    user: torch.Tensor,
+    items: torch.Tensor,
+    codebooks: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    *,
+    user_logits: bool = False,
+    in_batch: str = "items",
+    symmetric: bool = False,
+    temperature: float = 1.0,
+    user_temperature: float | None = None,
+    layer_weights=None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """BPR loss with negative (layer-weighted, optionally symmetric) KL as the score.
+
+    Args:
+        user: (B, L, d) user residuals, or (B, L, K) logits with ``user_logits=True``.
+        items: (N, L, d) item residuals.
+        codebooks: (L, K, d) codewords shared by both sides.
+        positives: (B,) int64 index into ``items`` of each row's target item.
+        negatives: (B, S) int64 item indices (-1 = padding), or None for in-batch negatives.
+        user_logits: read ``user`` as per-layer logits instead of residuals.
+        in_batch: "items", "users", "both" or "mean" (used when ``negatives`` is None).
+        symmetric: score with KL(P||Q) + KL(Q||P).
+        temperature: tau of the item soft assignment.
+        user_temperature: tau of the user soft assignment (default: ``temperature``).
+        layer_weights: None (all ones) or L non-negative weights.
+        reduction: "mean", "sum" or "none".
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or (B,) with ``reduction="none"``.
+    """
+    args = check_distributional_bpr(
+        user, items, codebooks, positives, negatives, user_logits=user_logits, in_batch=in_batch,
+        symmetric=symmetric, temperature=temperature, user_temperature=user_temperature,
+        layer_weights=layer_weights, reduction=reduction, backend=backend,
+    )
+    options = dict(
+        user_logits=user_logits, symmetric=symmetric, temperature=args.temperature,
+        user_temperature=args.user_temperature, layer_weights=args.layer_weights, reduction=reduction,
+    )
+    if resolve_backend(backend, user=user, items=items, codebooks=codebooks) == "torch":
+        return torch_backend.distributional_bpr(
+            user, items, codebooks, positives, negatives, in_batch=in_batch, **options
+        )
+    if negatives is not None:
+        return sampled_bpr(user, items, codebooks, positives, negatives, **options)
+    return in_batch_bpr(user, items, codebooks, positives, in_batch=in_batch, **options)
+
+
+class DistributionalBPRLoss(nn.Module):
+    """``nn.Module`` around :func:`distributional_bpr`; the keyword options are fixed at construction.
+
+    Example::
+
+        loss_fn = DistributionalBPRLoss(in_batch="both", symmetric=True, temperature=0.5)
+        loss = loss_fn(user_residuals, item_residuals, codebooks, positives)
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        allowed = {
+            "user_logits", "in_batch", "symmetric", "temperature", "user_temperature",
+            "layer_weights", "reduction", "backend",
+        }
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"DistributionalBPRLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        self.options = options
+
+    def forward(self, user, items, codebooks, positives, negatives=None) -> torch.Tensor:
+        return distributional_bpr(user, items, codebooks, positives, negatives, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,159 @@
+"""The pure-PyTorch backend: the whole API on any device, differentiated by autograd.
+
+Memory-sane formulations of SPEC section 2 (the float64 ``reference`` is the
+definition; this is what users run without Triton):
+
+* distance logits by the expansion -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2,
+  dropping ||x||^2 which cancels in the softmax;
+* every pairwise score as one matrix product over the concatenated (layer, code)
+  axis,  s(b, n) = -sum_l w_l KL(P_n^l || Q_b^l)
+                 = (w logQ_b) . P_n - sum_l w_l P_n^l . log P_n^l
+  (plus (w Q_b) . logP_n - sum_l w_l Q_b^l . log Q_b^l when symmetric), so the
+  in-batch score matrix is B x B, never B x B x L x K;
+* the in-batch mean user distribution by group sums over equal positives and
+  prefix/suffix sums over the groups (no subtraction, so no cancellation).
+
+Arithmetic runs in float32 (float64 when an input is float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def codebook_logits(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(2 x.C[l,k] - ||C[l,k]||^2) / tau: (N, L, d), (L, K, d) -> (N, L, K)."""
+    dtype = compute_dtype(x, codebooks)
+    x, codebooks = x.to(dtype), codebooks.to(dtype)
+    cross = torch.einsum("nld,lkd->nlk", x, codebooks)
+    return (2.0 * cross - codebooks.square().sum(-1)) / temperature
+
+
+def codebook_log_softmax(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
+    return codebook_logits(x, codebooks, temperature).log_softmax(-1)
+
+
+def _negative_entropy(log_p: torch.Tensor, layer_weights: torch.Tensor) -> torch.Tensor:
+    """sum_l w_l sum_k P log P: (R, L, K) -> (R,)."""
+    return ((log_p.exp() * log_p).sum(-1) * layer_weights).sum(-1)
+
+
+def pairwise_kl(p_logits, q_logits, layer_weights: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(p_logits, q_logits)
+    log_p = p_logits.to(dtype).log_softmax(-1)
+    log_q = q_logits.to(dtype).log_softmax(-1)
+    weights = layer_weights.to(dtype)
+    cross = (log_p.exp() * weights[:, None]).flatten(1) @ log_q.flatten(1).T
+    return _negative_entropy(log_p, weights)[:, None] - cross
+
+
+class _Side:
+    """One side of the score: log-distributions (R, L, K) with their weighted negative entropy."""
+
+    def __init__(self, log_probs: torch.Tensor, layer_weights: torch.Tensor):
+        self.log_probs = log_probs
+        self.negative_entropy = _negative_entropy(log_probs, layer_weights)
+
+
+def _score_operands(user: _Side, item: _Side, weights: torch.Tensor, symmetric: bool):
+    """Flattened (layer, code) operands with s = rows . cols - [user negent] - item negent."""
+    w = weights[:, None]
+    rows = [(user.log_probs * w).flatten(-2)]
+    cols = [item.log_probs.exp().flatten(-2)]
+    if symmetric:
+        rows.append((user.log_probs.exp() * w).flatten(-2))
+        cols.append(item.log_probs.flatten(-2))
+    return torch.cat(rows, -1), torch.cat(cols, -1)
+
+
+def score_matrix(user: _Side, item: _Side, weights: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """S[b, m] = s(user b, item m): (B, L, K) x (M, L, K) -> (B, M)."""
+    rows, cols = _score_operands(user, item, weights, symmetric)
+    scores = rows @ cols.T - item.negative_entropy[None, :]
+    if symmetric:
+        scores = scores - user.negative_entropy[:, None]
+    return scores
+
+
+def score_rows(user: _Side, item: _Side, weights: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """s(user b, item [b, ...]) row by row: (B, L, K) x (B, ..., L, K) -> (B, ...)."""
+    rows, cols = _score_operands(user, item, weights, symmetric)
+    scores = torch.einsum("bf,b...f->b...", rows, cols) - item.negative_entropy
+    if symmetric:
+        user_negent = user.negative_entropy
+        scores = scores - user_negent.view(user_negent.shape + (1,) * (scores.dim() - 1))
+    return scores
+
+
+def in_batch_mean_user(log_q: torch.Tensor, positives: torch.Tensor):
+    """log of the mean user distribution over the rows whose positive differs from row b's.
+
+    Returns (log_mean (B, L, K), count (B,)); rows with count 0 get an arbitrary finite value.
+    """
+    groups, group_of_row = torch.unique(positives, return_inverse=True)
+    probs = log_q.exp()
+    group_sum = probs.new_zeros((len(groups),) + probs.shape[1:]).index_add_(0, group_of_row, probs)
+    zero = torch.zeros_like(group_sum[:1])
+    before = torch.cat([zero, torch.cumsum(group_sum, 0)[:-1]])  # groups strictly before
+    after = torch.cat([torch.flip(torch.cumsum(torch.flip(group_sum, [0]), 0), [0])[1:], zero])
+    group_size = torch.bincount(group_of_row, minlength=len(groups))
+    count = len(positives) - group_size[group_of_row]
+    others = (before + after)[group_of_row]
+    tiny = torch.finfo(log_q.dtype).tiny
+    log_mean = others.clamp_min(tiny).log() - count.clamp_min(1).to(log_q.dtype).log()[:, None, None]
+    return log_mean, count
+
+
+def reduce_terms(row_sums: torch.Tensor, row_counts: torch.Tensor, reduction: str) -> torch.Tensor:
+    """mean over all terms / sum / per-row mean; 0 (with zero gradients) where there are no terms."""
+    if reduction == "sum":
+        return row_sums.sum()
+    if reduction == "mean":
+        return row_sums.sum() / row_counts.sum().clamp_min(1)
+    return row_sums / row_counts.clamp_min(1)
+
+
+def distributional_bpr(user, items, codebooks, positives, negatives, *, user_logits, in_batch,
+                       symmetric, temperature, user_temperature, layer_weights, reduction):
+    dtype = compute_dtype(user, items, codebooks)
+    weights = layer_weights.to(dtype)
+    if user_logits:
+        log_q = user.to(dtype).log_softmax(-1)
+    else:
+        log_q = codebook_log_softmax(user, codebooks, user_temperature)
+    users = _Side(log_q, weights)
+    positive_items = _Side(codebook_log_softmax(items[positives], codebooks, temperature), weights)
+    positive_score = score_rows(users, positive_items, weights, symmetric)
+
+    if negatives is not None:
+        mask = negatives >= 0
+        negative_items = _Side(
+            codebook_log_softmax(items[negatives.clamp_min(0)].flatten(0, 1), codebooks, temperature)
+            .unflatten(0, negatives.shape),
+            weights,
+        )
+        negative_score = score_rows(users, negative_items, weights, symmetric)
+        terms = F.softplus(negative_score - positive_score[:, None]) * mask
+        return reduce_terms(terms.sum(1), mask.sum(1), reduction)
+
+    if in_batch == "mean":
+        log_mean, count = in_batch_mean_user(log_q, positives)
+        mean_score = score_rows(_Side(log_mean, weights), positive_items, weights, symmetric)
+        has_term = count > 0
+        terms = F.softplus(mean_score - positive_score) * has_term
+        return reduce_terms(terms, has_term.to(terms.dtype), reduction)
+
+    scores = score_matrix(users, positive_items, weights, symmetric)
+    valid = positives[None, :] != positives[:, None]
+    row_sums = scores.new_zeros(len(positives))
+    row_counts = valid.sum(1) * (2 if in_batch == "both" else 1)
+    if in_batch in ("items", "both"):
+        row_sums = row_sums + (F.softplus(scores - positive_score[:, None]) * valid).sum(1)
+    if in_batch in ("users", "both"):
+        row_sums = row_sums + (F.softplus(scores.T - positive_score[:, None]) * valid).sum(1)
+    return reduce_terms(row_sums, row_counts, reduction)

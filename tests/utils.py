@@ -1,0 +1,77 @@
+"""Shared test tools: inputs, relative errors and the float64-reference comparison."""
+
+from __future__ import annotations
+
+import torch
+
+import soda_kernels as sk
+from soda_kernels import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# ||out - ref|| / ||ref|| allowed per input dtype (float64 runs only on the torch backend).
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "output holds NaN or inf"
+    norm = ref.norm()
+    return float((out - ref).norm() / norm) if norm > 0 else float((out - ref).norm())
+
+
+def make_bpr_inputs(batch, num_items, layers, codes, dim, *, samples=None, dtype=torch.float32,
+                    user_logits=False, duplicates=True, scale=1.0, generator=None, device=DEVICE):
+    """Fresh random inputs for distributional_bpr; positives drawn with repeats when ``duplicates``."""
+    g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    user = randn(batch, layers, codes if user_logits else dim)
+    items = randn(num_items, layers, dim)
+    codebooks = randn(layers, codes, dim)
+    high = max(1, batch // 2) if duplicates else num_items
+    positives = torch.randint(0, min(high, num_items), (batch,), generator=g)
+    if not duplicates:
+        positives = torch.randperm(num_items, generator=g)[:batch]
+    negatives = None
+    if samples is not None:
+        negatives = torch.randint(-1, num_items, (batch, samples), generator=g)
+    return dict(
+        user=user.requires_grad_(), items=items.requires_grad_(), codebooks=codebooks.requires_grad_(),
+        positives=positives.to(device), negatives=None if negatives is None else negatives.to(device),
+    )
+
+
+def _float_inputs(inputs):
+    return {k: inputs[k] for k in ("user", "items", "codebooks")}
+
+
+def compare_with_reference(inputs, backend, tolerance=None, **options):
+    """Loss and the gradients of every floating input against the float64 reference.
+
+    The upstream gradient is random (not 1), so a wrong reduction scale cannot hide.
+    Returns the relative errors by name.
+    """
+    floats = _float_inputs(inputs)
+    for t in floats.values():
+        t.grad = None
+    loss = sk.distributional_bpr(**inputs, backend=backend, **options)
+    ref_floats = {k: v.detach().double().cpu().requires_grad_() for k, v in floats.items()}
+    ref_inputs = dict(inputs, **ref_floats)
+    ref_inputs["positives"] = inputs["positives"].cpu()
+    if inputs["negatives"] is not None:
+        ref_inputs["negatives"] = inputs["negatives"].cpu()
+    ref_loss = reference.distributional_bpr(**ref_inputs, **options)
+    upstream = torch.rand(ref_loss.shape, dtype=torch.float64) + 0.5
+    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    (ref_loss * upstream).sum().backward()
+    assert loss.dtype == (torch.float64 if inputs["user"].dtype == torch.float64 else torch.float32)
+    errors = {"loss": rel_err(loss, ref_loss)}
+    for name, tensor in floats.items():
+        assert tensor.grad is not None and tensor.grad.dtype == tensor.dtype, name
+        ref_grad = ref_floats[name].grad  # None where the reference has no term touching it
+        errors[name] = rel_err(tensor.grad, torch.zeros_like(ref_floats[name]) if ref_grad is None else ref_grad)
+    tol = tolerance if tolerance is not None else TOLERANCE[inputs["user"].dtype]
+    assert all(e <= tol for e in errors.values()), f"relative errors {errors} over {tol} for {options}"
+    return errors
