@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import soda_kernels as sk
 from soda_kernels import reference
 
-from .utils import compare_with_reference, make_bpr_inputs
+from .utils import DEVICE, compare_with_reference, make_bpr_inputs
 
 MODES = ["items", "users", "both", "mean"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -73,13 +73,13 @@ def test_half_precision_inputs(dtype, mode):
 
 def test_no_terms_gives_zero_loss_and_zero_gradients():
     inputs = make_bpr_inputs(4, 5, 2, 3, 3, generator=torch.Generator().manual_seed(0))
-    inputs["positives"] = torch.full((4,), 2)  # every row shares its positive: no valid negative
+    inputs["positives"] = torch.full((4,), 2, device=DEVICE)  # every row shares its positive: no valid negative
     for mode in MODES:
         loss = sk.distributional_bpr(**inputs, in_batch=mode, backend="torch")
         loss.backward()
         assert loss.item() == 0.0
         assert all(torch.equal(inputs[k].grad, torch.zeros_like(inputs[k])) for k in ("user", "items", "codebooks"))
-    inputs["negatives"] = torch.full((4, 3), -1)
+    inputs["negatives"] = torch.full((4, 3), -1, device=DEVICE)
     assert sk.distributional_bpr(**inputs, backend="torch", reduction="none").eq(0).all()
 
 
