@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -35,3 +37,18 @@ def resolve_backend(backend: str, **tensors: torch.Tensor) -> str:
                 "before importing triton, or use backend='torch'"
             )
     return backend
+
+
+def autocast_off(function):
+    """Run a public op with autocast disabled: inputs arrive in whatever dtype autocast gave them
+    (bfloat16, float16), and the op's own arithmetic stays float32 as documented."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cuda", "cpu"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return function(*args, **kwargs)
+
+    return wrapper

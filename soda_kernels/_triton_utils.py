@@ -14,12 +14,18 @@ and their gradients, for g = dLoss/da (a row of K values):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-# float32 operands of tl.dot run in full IEEE precision: tf32 would break the 1e-4 target.
-FP32_DOT_PRECISION = "ieee"
+# Precision of tl.dot on float32 operands. "ieee" (the default) keeps the 1e-4 float32 target;
+# "tf32x3" (three tf32 products, close to float32) and "tf32" (about 1e-3) trade accuracy for
+# tensor-core speed. Chosen once per process with SODA_FP32_DOT_PRECISION, before import.
+FP32_DOT_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION", "ieee")
+if FP32_DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
+    raise ValueError(f"SODA_FP32_DOT_PRECISION must be ieee, tf32x3 or tf32, got {FP32_DOT_PRECISION!r}")
 
 
 def block_size(n: int, low: int = 16, high: int = 128) -> int:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import torch_backend
-from ._backend import resolve_backend
+from ._backend import autocast_off, resolve_backend
 from ._triton_utils import FP32_DOT_PRECISION, block_size, codebook_logits_tile, project_logit_grad
 from ._validation import check_codebooks, check_residuals, check_same_device, check_temperature
 
@@ -89,6 +89,7 @@ class CodebookLogSoftmax(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_c.to(codebooks.dtype), None
 
 
+@autocast_off
 def codebook_log_softmax(
     x: torch.Tensor, codebooks: torch.Tensor, temperature: float = 1.0, *, backend: str = "auto"
 ) -> torch.Tensor:

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from . import torch_backend
-from ._backend import resolve_backend
+from ._backend import autocast_off, resolve_backend
 from ._validation import check_distributional_bpr
 from .in_batch_bpr import in_batch_bpr
 from .sampled_bpr import sampled_bpr
 
 
+@autocast_off
 def distributional_bpr(
     user: torch.Tensor,
     items: torch.Tensor,
