@@ -27,6 +27,11 @@ FP32_DOT_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION", "ieee")
 if FP32_DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
     raise ValueError(f"SODA_FP32_DOT_PRECISION must be ieee, tf32x3 or tf32, got {FP32_DOT_PRECISION!r}")
 
+# bfloat16 / float16 residuals and codebooks go into tl.dot as they are on the GPU (their products
+# are exact in float32, so this only gains speed). The Triton interpreter mis-computes bfloat16
+# dots, so there they are upcast first.
+NATIVE_16BIT_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
 
 def block_size(n: int, low: int = 16, high: int = 128) -> int:
     """Power-of-two tile covering ``n`` within [low, high] (tl.dot needs at least 16)."""
@@ -51,9 +56,11 @@ def codebook_logits_tile(
         d_mask = offs_d < dim
         x = tl.load(x_base + offs_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         c = tl.load(c_base + offs_d[:, None] * stride_cd, mask=d_mask[:, None] & code_mask[None, :], other=0.0)
-        x = x.to(tl.float32)
+        if NATIVE_16BIT_DOT and x.dtype == c.dtype and x.dtype != tl.float32:
+            acc = tl.dot(x, c, acc)  # 16-bit operands: exact products, float32 accumulation
+        else:
+            acc = tl.dot(x.to(tl.float32), c.to(tl.float32), acc, input_precision=PRECISION)
         c = c.to(tl.float32)
-        acc = tl.dot(x, c, acc, input_precision=PRECISION)
         squared_norm += tl.sum(c * c, axis=0)
     logits = (2.0 * acc - squared_norm[None, :]) * inv_temperature
     return tl.where(code_mask[None, :], logits, float("-inf"))
