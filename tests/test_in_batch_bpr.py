@@ -1,0 +1,137 @@
+"""The fused in-batch distributional BPR (Triton, ``negatives=None``) against the float64 reference."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import soda_kernels as sk
+from soda_kernels import in_batch_bpr
+
+from .utils import DEVICE, TOLERANCE, compare_with_reference, make_bpr_inputs
+
+MODES = ["items", "users", "both", "mean"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _seeded(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) % 2**31)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16-row tiles and 64-feature gradient blocks, so a batch of a few dozen rows spans several
+    tiles in both directions and a few hundred features several gradient blocks."""
+    monkeypatch.setattr(in_batch_bpr, "MAX_BLOCK_B", 16)
+    monkeypatch.setattr(in_batch_bpr, "MAX_BLOCK_FO", 64)
+
+
+@pytest.mark.parametrize(
+    "mode, symmetric, reduction, user_logits", list(itertools.product(MODES, [False, True], REDUCTIONS, [False, True]))
+)
+def test_every_option_matches_reference(mode, symmetric, reduction, user_logits):
+    inputs = make_bpr_inputs(9, 13, 3, 7, 5, user_logits=user_logits,
+                             generator=_seeded(mode, symmetric, reduction, user_logits))
+    compare_with_reference(
+        inputs, "triton", in_batch=mode, symmetric=symmetric, reduction=reduction, user_logits=user_logits,
+        temperature=0.8, user_temperature=1.7, layer_weights=[1.0, 0.0, 2.5],
+    )
+
+
+@pytest.mark.parametrize("mode, symmetric", list(itertools.product(MODES, [False, True])))
+def test_batches_spanning_several_tiles(small_tiles, mode, symmetric):
+    # 37 rows = 3 tiles of 16 (the last partial); F = L K = 66 (132 symmetric) spans several feature blocks.
+    inputs = make_bpr_inputs(37, 40, 2, 33, 3, user_logits=symmetric, generator=_seeded(mode, symmetric))
+    compare_with_reference(inputs, "triton", in_batch=mode, symmetric=symmetric, reduction="none",
+                           user_logits=symmetric, temperature=0.6, layer_weights=[0.7, 1.3])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("positives", [[4], [2, 2], [5, 5, 5, 5], [1, 1, 3, 1, 3, 0]])
+def test_edge_batches(mode, positives):
+    """B = 1, B = 2 with equal positives, no valid negative anywhere, duplicate positives."""
+    inputs = make_bpr_inputs(len(positives), 6, 2, 5, 3, generator=_seeded(mode, *positives))
+    inputs["positives"] = torch.tensor(positives, device=DEVICE)
+    for reduction in REDUCTIONS:
+        compare_with_reference(inputs, "triton", in_batch=mode, symmetric=True, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision_inputs(dtype, mode):
+    inputs = make_bpr_inputs(11, 14, 2, 6, 4, dtype=dtype, generator=_seeded(mode, str(dtype)))
+    compare_with_reference(inputs, "triton", in_batch=mode, symmetric=mode in ("users", "mean"), temperature=2.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature, scale, user_logits", [(1e-4, 1.0, False), (1e3, 1.0, False), (1.0, 1e4, True)])
+def test_extreme_values_stay_finite(mode, temperature, scale, user_logits):
+    inputs = make_bpr_inputs(8, 9, 2, 5, 3, scale=scale, user_logits=user_logits, generator=_seeded(mode, scale))
+    loss = sk.distributional_bpr(**inputs, backend="triton", in_batch=mode, symmetric=True, user_logits=user_logits,
+                                 temperature=temperature, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name in ("user", "items", "codebooks"):
+        assert torch.isfinite(inputs[name].grad).all(), name
+
+
+def _gradients(inputs, **options):
+    for name in ("user", "items", "codebooks"):
+        inputs[name].grad = None
+    sk.distributional_bpr(**inputs, backend="triton", **options).sum().backward()
+    return [inputs[name].grad.clone() for name in ("user", "items", "codebooks")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_deterministic(small_tiles, mode):
+    inputs = make_bpr_inputs(20, 12, 2, 6, 3, generator=_seeded(mode))
+    first = _gradients(inputs, in_batch=mode, symmetric=True)
+    second = _gradients(inputs, in_batch=mode, symmetric=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("user_logits", [False, True])
+def test_saves_nothing_as_large_as_the_distributions(mode, user_logits):
+    # B L K = 640 and B B = 400 exceed every non-input tensor the op may save ((B,) and (L,) ones).
+    batch, layers, codes, dim = 20, 2, 16, 2
+    inputs = make_bpr_inputs(batch, 30, layers, codes, dim, user_logits=user_logits, generator=_seeded(mode))
+    input_pointers = {inputs[name].data_ptr() for name in ("user", "items", "codebooks", "positives")}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = sk.distributional_bpr(**inputs, backend="triton", in_batch=mode, symmetric=True,
+                                     user_logits=user_logits)
+    loss.backward()
+    assert saved
+    limit = min(batch * layers * codes, batch * batch)
+    new = [tuple(t.shape) for t in saved if t.data_ptr() not in input_pointers and t.numel() >= limit]
+    assert not new, f"saved for backward: {new}"
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 12), num_items=st.integers(1, 15), layers=st.integers(1, 4), codes=st.integers(2, 11),
+    dim=st.integers(1, 6), mode=st.sampled_from(MODES), symmetric=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS), user_logits=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    temperature=st.floats(0.1, 10.0),
+)
+def test_random_shapes_match_reference(batch, num_items, layers, codes, dim, mode, symmetric, reduction,
+                                       user_logits, seed, temperature):
+    """Within 1e-4, or within a few times float32 PyTorch's own error: tiny shapes (L = 1, K = 2) can
+    make an item gradient the small difference of O(1) terms, where float32 itself reaches ~1e-3."""
+    options = dict(in_batch=mode, symmetric=symmetric, reduction=reduction, user_logits=user_logits,
+                   temperature=temperature)
+
+    def inputs():
+        return make_bpr_inputs(batch, num_items, layers, codes, dim, user_logits=user_logits,
+                               generator=torch.Generator().manual_seed(seed))
+
+    torch_error = max(compare_with_reference(inputs(), "torch", tolerance=1.0, **options).values())
+    compare_with_reference(inputs(), "triton", tolerance=max(TOLERANCE[torch.float32], 4 * torch_error), **options)
