@@ -106,6 +106,30 @@ def distribution_logits_tile(
 
 
 @triton.jit
+def row_log_sum_exp(
+    src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
+    c_ptr, layer, stride_cl, stride_ck, stride_cd,
+    num_codes, dim, inv_temperature,
+    FROM_LOGITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """log sum_k exp(a_k) per row of one layer, (BLOCK_R,): an online log-sum-exp over K tiles."""
+    running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_R,), tl.float32)
+    for k_start in range(0, num_codes, BLOCK_K):
+        codes = k_start + tl.arange(0, BLOCK_K)
+        logits = distribution_logits_tile(
+            src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
+            c_ptr, layer, codes, codes < num_codes, stride_cl, stride_ck, stride_cd,
+            dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
+        )
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+    return running_max + tl.log(running_sum)
+
+
+@triton.jit
 def _distribution_stats_kernel(
     src_ptr, stride_sn, stride_sl, stride_sd, index_ptr,
     c_ptr, stride_cl, stride_ck, stride_cd,
@@ -123,19 +147,10 @@ def _distribution_stats_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = offs < num_rows
     rows = tl.load(index_ptr + offs, mask=row_mask, other=0).to(tl.int64) if GATHER else offs
-    running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_R,), tl.float32)
-    for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        logits = distribution_logits_tile(
-            src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-            c_ptr, layer, codes, codes < num_codes, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        running_max = new_max
-    lse = running_max + tl.log(running_sum)
+    lse = row_log_sum_exp(
+        src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd, c_ptr, layer, stride_cl, stride_ck, stride_cd,
+        num_codes, dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
+    )
     expected_logit = tl.zeros((BLOCK_R,), tl.float32)
     for k_start in range(0, num_codes, BLOCK_K):
         codes = k_start + tl.arange(0, BLOCK_K)

@@ -17,7 +17,13 @@ import triton.language as tl
 
 from . import torch_backend
 from ._backend import autocast_off, resolve_backend
-from ._triton_utils import FP32_DOT_PRECISION, block_size, codebook_logits_tile, project_logit_grad
+from ._triton_utils import (
+    FP32_DOT_PRECISION,
+    block_size,
+    codebook_logits_tile,
+    project_logit_grad,
+    row_log_sum_exp,
+)
 from ._validation import check_codebooks, check_residuals, check_same_device, check_temperature
 
 
@@ -32,19 +38,10 @@ def _codebook_log_softmax_kernel(
     layer = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < num_rows
-    running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_R,), tl.float32)
-    for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        logits = codebook_logits_tile(
-            x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd,
-            c_ptr, layer, codes, codes < num_codes, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        running_max = new_max
-    log_sum_exp = running_max + tl.log(running_sum)
+    log_sum_exp = row_log_sum_exp(
+        x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd, c_ptr, layer, stride_cl, stride_ck, stride_cd,
+        num_codes, dim, inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
+    )
     for k_start in range(0, num_codes, BLOCK_K):
         codes = k_start + tl.arange(0, BLOCK_K)
         code_mask = codes < num_codes
