@@ -13,20 +13,28 @@ backward rebuilds them. With valid(b, m) = m != b and pos[m] != pos[b], the term
 
     "items": softplus(S[b, m] - S[b, b])      "users": softplus(S[m, b] - S[b, b])      (valid m)
 
-One streaming kernel serves both directions: a program owns a block of rows of X and loops over
-tiles of Y, with (X, Y) = (A, Bm) for the row direction ("items") and (Bm, A) for the column
-direction ("users", the transposed tile). Backward, with g_b = dLoss/d(row b's term sum),
+Each tile of S is computed once per pass and serves both directions: its row sums give the
+"items" terms of its rows, its column sums the "users" terms of its columns. The rows are taken
+in slabs of R rows (a multiple of BLOCK_B, R B <= MAX_SLAB_ELEMENTS unless R = BLOCK_B; R = B / 4
+at B = 4096, so no slab is the whole B x B matrix beyond B = 2048) and every program of a slab
+owns one (BLOCK_B, BLOCK_B) tile. Backward, with
+g_b = dLoss/d(row b's term sum),
 
-    dS[b, m] = g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users]
+    C[b, m]  = g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users]
     dS[b, b] = -g_b (sum_m sigmoid(S[b, m] - S[b, b]) [items] + sum_m sigmoid(S[m, b] - S[b, b]) [users])
+    dA = C Bm,  dBm = C^T A,  drb = C 1,  dcb = C^T 1       (valid pairs; the diagonal added after)
 
-dA = dS Bm and drb = dS 1 come from the row-direction pass, dBm = dS^T A and dcb = dS^T 1 from the
-column-direction pass (no atomics), the diagonal added afterwards. "mean" has one term per row
-against the in-batch mean user distribution (O(B L K), no pairwise matrix): PyTorch ops on
-temporaries, differentiated by recomputation in backward. Gradients then go from the operands to
-the log-probabilities, through log-softmax to the logits, and onto residuals and codebooks with
-``project_logit_grad``; item rows are summed over repeated positives by a sort-based
-``index_put_``, so two backward passes are bit-identical.
+a kernel writes a slab's rows of C, an (R, B) float32 transient (at most MAX_SLAB_ELEMENTS, 16 MB;
+never saved), and the two products per slab are float32 ``torch.mm`` (cuBLAS; they follow torch's
+float32 matmul precision setting, full float32 by default). So S costs one B x B x F product per
+pass, backward two more. Cross-program sums go through per-program float32 partial buffers
+(a slab's partials are at most R B / BLOCK_B floats) summed by ``torch.sum``, and slabs are added
+in order: no atomics, deterministic. "mean" has one term per row against the in-batch mean user
+distribution (O(B L K), no pairwise matrix): PyTorch ops on temporaries, differentiated by
+recomputation in backward. Gradients then go from the operands to the log-probabilities, through
+log-softmax to the logits, and onto residuals and codebooks with ``project_logit_grad``; item rows
+are summed over repeated positives by a sort-based ``index_put_``, so two backward passes are
+bit-identical.
 """
 
 from __future__ import annotations
@@ -42,10 +50,10 @@ from . import torch_backend
 from ._triton_utils import FP32_DOT_PRECISION, block_size, project_logit_grad
 from .codebook_log_softmax import codebook_log_softmax_forward
 
-# Largest tile of rows (and of the streamed rows) per program; tests lower it to span several tiles.
+# Largest tile side (rows and columns of S) per program; tests lower it to span several tiles.
 MAX_BLOCK_B = 64
-# Largest block of gradient features per backward program (each block recomputes its score tiles).
-MAX_BLOCK_FO = 256
+# Most float32 elements of one row slab of C (16 MB); tests lower it to span several slabs.
+MAX_SLAB_ELEMENTS = 2**22
 
 
 @triton.jit
@@ -64,109 +72,98 @@ def _sigmoid(x):
 
 @triton.jit
 def _score_tile(
-    x_ptr, y_ptr, stride_row, own, own_mask, other, other_mask, y_bias_ptr, num_features,
-    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """X[own] . Y[other] + y_bias[other], a (BLOCK_OWN, BLOCK_OTHER) float32 tile (add x_bias[own])."""
-    acc = tl.zeros((BLOCK_OWN, BLOCK_OTHER), dtype=tl.float32)
+    """This program's tile of S: (row indices, column indices, S tile, valid mask), the tile being
+    rows[i] . cols[j] + row_bias[i] + col_bias[j] for i in row block program_id(0) of the slab
+    starting at slab_start and j in column block program_id(1); valid(i, j) = both in range,
+    j != i and pos[j] != pos[i]."""
+    row = slab_start + tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    col = tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask, col_mask = row < batch, col < batch
+    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
     for f_start in range(0, num_features, BLOCK_F):
         offs_f = f_start + tl.arange(0, BLOCK_F)
         f_mask = offs_f < num_features
-        x = tl.load(x_ptr + own[:, None] * stride_row + offs_f[None, :],
-                    mask=own_mask[:, None] & f_mask[None, :], other=0.0)
-        y = tl.load(y_ptr + other[None, :] * stride_row + offs_f[:, None],
-                    mask=f_mask[:, None] & other_mask[None, :], other=0.0)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
-    y_bias = tl.load(y_bias_ptr + other, mask=other_mask, other=0.0)
-    return acc + y_bias[None, :]
-
-
-@triton.jit
-def _valid_pairs(pos_ptr, own, own_pos, other, other_mask):
-    """(BLOCK_OWN, BLOCK_OTHER) mask of the pairs that make a term: other != own, pos differs."""
-    other_pos = tl.load(pos_ptr + other, mask=other_mask, other=-1)
-    distinct = (other[None, :] != own[:, None]) & (other_pos[None, :] != own_pos[:, None])
-    return other_mask[None, :] & distinct
+        a = tl.load(rows_ptr + row[:, None] * stride_row + offs_f[None, :],
+                    mask=row_mask[:, None] & f_mask[None, :], other=0.0)
+        b = tl.load(cols_ptr + col[None, :] * stride_row + offs_f[:, None],
+                    mask=f_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    row_bias = tl.load(row_bias_ptr + row, mask=row_mask, other=0.0)
+    col_bias = tl.load(col_bias_ptr + col, mask=col_mask, other=0.0)
+    row_pos = tl.load(pos_ptr + row, mask=row_mask, other=-1)
+    col_pos = tl.load(pos_ptr + col, mask=col_mask, other=-1)
+    valid = (row_mask[:, None] & col_mask[None, :] & (col[None, :] != row[:, None])
+             & (col_pos[None, :] != row_pos[:, None]))
+    return row, col, acc + row_bias[:, None] + col_bias[None, :], valid
 
 
 @triton.jit
 def _in_batch_terms_kernel(
-    x_ptr, y_ptr, stride_row, x_bias_ptr, y_bias_ptr, diag_ptr, pos_ptr, term_sum_ptr,
-    batch, num_features,
-    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr,
+    item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
+    ITEMS: tl.constexpr, USERS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """term_sum[i] = sum_(valid j) softplus(T[i, j] - T[i, i]), T = X Y^T + x_bias + y_bias (S or S^T)."""
-    own = tl.program_id(0).to(tl.int64) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    own_mask = own < batch
-    own_pos = tl.load(pos_ptr + own, mask=own_mask, other=-1)
-    own_shift = tl.load(x_bias_ptr + own, mask=own_mask, other=0.0) - tl.load(diag_ptr + own, mask=own_mask)
-    total = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
-    for start in range(0, batch, BLOCK_OTHER):
-        other = start + tl.arange(0, BLOCK_OTHER).to(tl.int64)
-        other_mask = other < batch
-        scores = _score_tile(
-            x_ptr, y_ptr, stride_row, own, own_mask, other, other_mask, y_bias_ptr, num_features,
-            BLOCK_OWN, BLOCK_OTHER, BLOCK_F, PRECISION,
-        )
-        valid = _valid_pairs(pos_ptr, own, own_pos, other, other_mask)
-        total += tl.sum(tl.where(valid, _softplus(scores + own_shift[:, None]), 0.0), axis=1)
-    tl.store(term_sum_ptr + own, total, mask=own_mask)
+    """One tile of S, both directions: for the slab's rows i and the columns j of the tile,
+
+        item_partial[j-block, i - slab_start] = sum_(valid j) softplus(S[i, j] - S[i, i])   [ITEMS]
+        user_partial[i-block, j]              = sum_(valid i) softplus(S[i, j] - S[j, j])   [USERS]
+
+    (item_partial (num column blocks, slab_rows), user_partial (slab row blocks, B))."""
+    row, col, scores, valid = _score_tile(
+        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
+        BLOCK_B, BLOCK_F, PRECISION,
+    )
+    row_mask, col_mask = row < batch, col < batch
+    if ITEMS:
+        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
+        terms = tl.where(valid, _softplus(scores - row_diag[:, None]), 0.0)
+        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(terms, axis=1),
+                 mask=row_mask)
+    if USERS:
+        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
+        terms = tl.where(valid, _softplus(scores - col_diag[None, :]), 0.0)
+        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(terms, axis=0), mask=col_mask)
 
 
 @triton.jit
-def _in_batch_grad_kernel(
-    x_ptr, y_ptr, stride_row, x_bias_ptr, y_bias_ptr, diag_ptr, pos_ptr, scale_ptr,
-    grad_x_ptr, grad_bias_ptr, grad_diag_ptr, batch, num_features,
-    OWN_TERMS: tl.constexpr, OTHER_TERMS: tl.constexpr,
-    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_FO: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _in_batch_coeff_kernel(
+    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr, scale_ptr,
+    coeff_ptr, item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
+    ITEMS: tl.constexpr, USERS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """For T = X Y^T + biases (S or S^T) and the terms softplus(T[i, j] - T[i, i]) of row i
-    (OWN_TERMS) and softplus(T[i, j] - T[j, j]) of row j (OTHER_TERMS), each scaled by its row's g:
+    """One tile of C = dLoss/dS off the diagonal, and the tile's shares of the diagonal:
 
-        c[i, j] = g_i sigmoid(T[i, j] - T[i, i]) [OWN] + g_j sigmoid(T[i, j] - T[j, j]) [OTHER]
-        grad_x[i] = sum_j c[i, j] Y[j]   grad_bias[i] = sum_j c[i, j]
-        grad_diag[i] = -g_i sum_j sigmoid(T[i, j] - T[i, i]) [OWN]     (the off-tile dT[i, i] share)
+        coeff[i - slab_start, j] = g_i sigmoid(S[i, j] - S[i, i]) [ITEMS] + g_j sigmoid(S[i, j] - S[j, j]) [USERS]
+        item_partial[j-block, i - slab_start] = sum_(valid j) sigmoid(S[i, j] - S[i, i])       [ITEMS]
+        user_partial[i-block, j]              = sum_(valid i) sigmoid(S[i, j] - S[j, j])       [USERS]
 
-    Program (i-block, f-block) writes the features f-block of grad_x; the tile T is recomputed per
-    f-block, so every output has one writer."""
-    own = tl.program_id(0).to(tl.int64) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    out_f = tl.program_id(1).to(tl.int64) * BLOCK_FO + tl.arange(0, BLOCK_FO)
-    own_mask = own < batch
-    out_f_mask = out_f < num_features
-    own_pos = tl.load(pos_ptr + own, mask=own_mask, other=-1)
-    own_diag = tl.load(diag_ptr + own, mask=own_mask, other=0.0)
-    own_bias = tl.load(x_bias_ptr + own, mask=own_mask, other=0.0)
-    own_scale = tl.load(scale_ptr + own, mask=own_mask, other=0.0)
-    grad_x = tl.zeros((BLOCK_OWN, BLOCK_FO), dtype=tl.float32)
-    grad_bias = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
-    own_sigmoid_sum = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
-    for start in range(0, batch, BLOCK_OTHER):
-        other = start + tl.arange(0, BLOCK_OTHER).to(tl.int64)
-        other_mask = other < batch
-        scores = own_bias[:, None] + _score_tile(
-            x_ptr, y_ptr, stride_row, own, own_mask, other, other_mask, y_bias_ptr, num_features,
-            BLOCK_OWN, BLOCK_OTHER, BLOCK_F, PRECISION,
-        )
-        valid = _valid_pairs(pos_ptr, own, own_pos, other, other_mask)
-        coeff = tl.zeros((BLOCK_OWN, BLOCK_OTHER), dtype=tl.float32)
-        if OWN_TERMS:
-            own_sigmoid = tl.where(valid, _sigmoid(scores - own_diag[:, None]), 0.0)
-            own_sigmoid_sum += tl.sum(own_sigmoid, axis=1)
-            coeff += own_scale[:, None] * own_sigmoid
-        if OTHER_TERMS:
-            other_diag = tl.load(diag_ptr + other, mask=other_mask, other=0.0)
-            other_scale = tl.load(scale_ptr + other, mask=other_mask, other=0.0)
-            coeff += tl.where(valid, other_scale[None, :] * _sigmoid(scores - other_diag[None, :]), 0.0)
-        grad_bias += tl.sum(coeff, axis=1)
-        y = tl.load(y_ptr + other[:, None] * stride_row + out_f[None, :],
-                    mask=other_mask[:, None] & out_f_mask[None, :], other=0.0)
-        grad_x = tl.dot(coeff, y, grad_x, input_precision=PRECISION)
-    tl.store(grad_x_ptr + own[:, None] * stride_row + out_f[None, :], grad_x,
-             mask=own_mask[:, None] & out_f_mask[None, :])
-    first_f_block = tl.program_id(1) == 0
-    tl.store(grad_bias_ptr + own, grad_bias, mask=own_mask & first_f_block)
-    tl.store(grad_diag_ptr + own, -own_scale * own_sigmoid_sum, mask=own_mask & first_f_block)
+    (valid pairs only, C = 0 elsewhere; coeff (slab_rows, B) row-major)."""
+    row, col, scores, valid = _score_tile(
+        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
+        BLOCK_B, BLOCK_F, PRECISION,
+    )
+    row_mask, col_mask = row < batch, col < batch
+    coeff = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    if ITEMS:
+        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
+        row_scale = tl.load(scale_ptr + row, mask=row_mask, other=0.0)
+        sigmoids = tl.where(valid, _sigmoid(scores - row_diag[:, None]), 0.0)
+        coeff += row_scale[:, None] * sigmoids
+        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(sigmoids, axis=1),
+                 mask=row_mask)
+    if USERS:
+        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
+        col_scale = tl.load(scale_ptr + col, mask=col_mask, other=0.0)
+        sigmoids = tl.where(valid, _sigmoid(scores - col_diag[None, :]), 0.0)
+        coeff += col_scale[None, :] * sigmoids
+        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(sigmoids, axis=0), mask=col_mask)
+    tl.store(coeff_ptr + (row[:, None] - slab_start) * batch + col[None, :], coeff,
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @dataclass(frozen=True)
@@ -211,53 +208,92 @@ def _operands(log_q, log_p, weights, symmetric) -> _Operands:
 
 
 def _launch_blocks(batch: int, num_features: int) -> dict:
-    block_b = block_size(batch, high=MAX_BLOCK_B)
-    return dict(BLOCK_OWN=block_b, BLOCK_OTHER=block_b, BLOCK_F=block_size(num_features, high=64),
+    return dict(BLOCK_B=block_size(batch, high=MAX_BLOCK_B), BLOCK_F=block_size(num_features, high=64),
                 PRECISION=FP32_DOT_PRECISION)
 
 
-def _directions(ops: _Operands):
-    """(x, y, x_bias, y_bias) of the row direction (T = S) and the column direction (T = S^T)."""
-    return (ops.rows, ops.cols, ops.row_bias, ops.col_bias), (ops.cols, ops.rows, ops.col_bias, ops.row_bias)
+@dataclass(frozen=True)
+class _Slabs:
+    """The row slabs of S and the launch of one: every slab but the last has ``rows`` rows (a
+    multiple of the tile side, R B <= MAX_SLAB_ELEMENTS where the tile allows)."""
+
+    batch: int
+    rows: int
+    block_b: int
+
+    @classmethod
+    def of(cls, batch: int, block_b: int) -> _Slabs:
+        rows = max(block_b, min(batch, MAX_SLAB_ELEMENTS // batch) // block_b * block_b)
+        return cls(batch, rows, block_b)
+
+    @property
+    def num_col_blocks(self) -> int:
+        return triton.cdiv(self.batch, self.block_b)
+
+    @property
+    def num_row_blocks(self) -> int:
+        return triton.cdiv(self.rows, self.block_b)
+
+    def partials(self, like: torch.Tensor):
+        """The per-program float32 partial sums of one slab: by column block for its rows
+        (num_col_blocks, rows) and by row block for the columns (num_row_blocks, B); zeroed, so
+        the direction a kernel skips (ITEMS or USERS off) sums to 0."""
+        return like.new_zeros((self.num_col_blocks, self.rows)), like.new_zeros((self.num_row_blocks, self.batch))
+
+    def __iter__(self):
+        """(first row, number of rows, launch grid) of each slab, in order."""
+        for start in range(0, self.batch, self.rows):
+            count = min(self.rows, self.batch - start)
+            yield start, count, (triton.cdiv(count, self.block_b), self.num_col_blocks)
+
+
+def _flags(in_batch: str) -> dict:
+    return dict(ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"))
 
 
 def _pair_term_sums(ops: _Operands, positives, in_batch: str) -> torch.Tensor:
     """Per row b, the sum of its "items" and/or "users" terms, (B,) float32."""
     batch, num_features = ops.rows.shape
     blocks = _launch_blocks(batch, num_features)
-    row_direction, col_direction = _directions(ops)
-    term_sums = torch.zeros(batch, dtype=torch.float32, device=ops.rows.device)
-    for (x, y, x_bias, y_bias), wanted in ((row_direction, ("items", "both")), (col_direction, ("users", "both"))):
-        if in_batch in wanted:
-            out = torch.empty_like(term_sums)
-            _in_batch_terms_kernel[(triton.cdiv(batch, blocks["BLOCK_OWN"]),)](
-                x, y, x.stride(0), x_bias, y_bias, ops.diag, positives, out, batch, num_features, **blocks,
-            )
-            term_sums += out
-    return term_sums
+    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
+    item_partials, user_partials = slabs.partials(ops.rows)
+    item_terms, user_terms = torch.zeros_like(ops.diag), torch.zeros_like(ops.diag)
+    for start, count, grid in slabs:
+        _in_batch_terms_kernel[grid](
+            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives,
+            item_partials, user_partials, start, slabs.rows, batch, num_features, **_flags(in_batch), **blocks,
+        )
+        item_terms[start:start + count] = item_partials[:, :count].sum(0)
+        user_terms += user_partials[: grid[0]].sum(0)
+    return item_terms + user_terms
 
 
 def _pair_operand_grads(ops: _Operands, positives, scale, in_batch: str):
     """dLoss/d(rows, cols, row_bias, col_bias) for dLoss/d(term sum of row b) = scale[b]."""
     batch, num_features = ops.rows.shape
     blocks = _launch_blocks(batch, num_features)
-    block_fo = block_size(num_features, high=MAX_BLOCK_FO)
-    grid = (triton.cdiv(batch, blocks["BLOCK_OWN"]), triton.cdiv(num_features, block_fo))
-    items, users = in_batch in ("items", "both"), in_batch in ("users", "both")
-    grads = []
-    flags = ((items, users), (users, items))  # (OWN_TERMS, OTHER_TERMS) of the row, column direction
-    for (x, y, x_bias, y_bias), (own_terms, other_terms) in zip(_directions(ops), flags, strict=True):
-        grad_x = torch.empty_like(x)
-        grad_bias, grad_diag = torch.empty_like(scale), torch.empty_like(scale)
-        _in_batch_grad_kernel[grid](
-            x, y, x.stride(0), x_bias, y_bias, ops.diag, positives, scale, grad_x, grad_bias, grad_diag,
-            batch, num_features, OWN_TERMS=own_terms, OTHER_TERMS=other_terms, BLOCK_FO=block_fo, **blocks,
+    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
+    item_partials, user_partials = slabs.partials(ops.rows)
+    coeff = ops.rows.new_empty((slabs.rows, batch))
+    grad_rows, grad_cols = torch.empty_like(ops.rows), torch.zeros_like(ops.cols)
+    grad_row_bias, grad_col_bias = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
+    item_sigmoids, user_sigmoids = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
+    for start, count, grid in slabs:
+        _in_batch_coeff_kernel[grid](
+            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives, scale,
+            coeff, item_partials, user_partials, start, slabs.rows, batch, num_features,
+            **_flags(in_batch), **blocks,
         )
-        grads.append((grad_x, grad_bias, grad_diag))
-    (grad_rows, grad_row_bias, diag_from_rows), (grad_cols, grad_col_bias, diag_from_cols) = grads
-    grad_diag = (diag_from_rows + diag_from_cols)[:, None]
-    return (grad_rows + grad_diag * ops.cols, grad_cols + grad_diag * ops.rows,
-            grad_row_bias + grad_diag[:, 0], grad_col_bias + grad_diag[:, 0])
+        slab, rows = coeff[:count], slice(start, start + count)
+        grad_rows[rows] = slab @ ops.cols
+        grad_cols.addmm_(slab.T, ops.rows[rows])
+        grad_row_bias[rows] = slab.sum(1)
+        grad_col_bias += slab.sum(0)
+        item_sigmoids[rows] = item_partials[:, :count].sum(0)
+        user_sigmoids += user_partials[: grid[0]].sum(0)
+    grad_diag = -scale * (item_sigmoids + user_sigmoids)
+    return (grad_rows + grad_diag[:, None] * ops.cols, grad_cols + grad_diag[:, None] * ops.rows,
+            grad_row_bias + grad_diag, grad_col_bias + grad_diag)
 
 
 def _log_prob_grads(grads, log_q, log_p, weights, symmetric):

@@ -22,10 +22,14 @@ def _seeded(*key) -> torch.Generator:
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """16-row tiles and 64-feature gradient blocks, so a batch of a few dozen rows spans several
-    tiles in both directions and a few hundred features several gradient blocks."""
+    """16-row tiles, so a batch of a few dozen rows spans several tiles in both directions."""
     monkeypatch.setattr(in_batch_bpr, "MAX_BLOCK_B", 16)
-    monkeypatch.setattr(in_batch_bpr, "MAX_BLOCK_FO", 64)
+
+
+@pytest.fixture
+def small_slabs(small_tiles, monkeypatch):
+    """One tile row per slab: a batch of a few dozen rows spans several slabs, forward and backward."""
+    monkeypatch.setattr(in_batch_bpr, "MAX_SLAB_ELEMENTS", 1)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,14 @@ def test_every_option_matches_reference(mode, symmetric, reduction, user_logits)
 def test_batches_spanning_several_tiles(small_tiles, mode, symmetric):
     # 37 rows = 3 tiles of 16 (the last partial); F = L K = 66 (132 symmetric) spans several feature blocks.
     inputs = make_bpr_inputs(37, 40, 2, 33, 3, user_logits=symmetric, generator=_seeded(mode, symmetric))
+    compare_with_reference(inputs, "triton", in_batch=mode, symmetric=symmetric, reduction="none",
+                           user_logits=symmetric, temperature=0.6, layer_weights=[0.7, 1.3])
+
+
+@pytest.mark.parametrize("mode, symmetric", [("items", False), ("users", True), ("both", False), ("both", True)])
+def test_batches_spanning_several_slabs(small_slabs, mode, symmetric):
+    # 37 rows = 3 slabs of one 16-row tile (the last partial), each slab against 3 column tiles.
+    inputs = make_bpr_inputs(37, 40, 2, 33, 3, user_logits=symmetric, generator=_seeded(mode, symmetric, "slabs"))
     compare_with_reference(inputs, "triton", in_batch=mode, symmetric=symmetric, reduction="none",
                            user_logits=symmetric, temperature=0.6, layer_weights=[0.7, 1.3])
 
@@ -85,7 +97,7 @@ def _gradients(inputs, **options):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_backward_is_deterministic(small_tiles, mode):
+def test_backward_is_deterministic(small_slabs, mode):
     inputs = make_bpr_inputs(20, 12, 2, 6, 3, generator=_seeded(mode))
     first = _gradients(inputs, in_batch=mode, symmetric=True)
     second = _gradients(inputs, in_batch=mode, symmetric=True)
