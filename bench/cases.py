@@ -1,13 +1,14 @@
-"""Benchmark cases, their inputs, the contenders and the roofline floor of each case.
+"""The benchmark grid, the inputs of a case, and the three contenders.
 
-A case is one call of ``sk.distributional_bpr``; three contenders run it: the Triton backend,
-the PyTorch backend eager, and the PyTorch backend under ``torch.compile``.
+A case is one call of ``sk.distributional_bpr`` (reduction "mean", temperature 4); three contenders
+compute it: the Triton backend through the public API, the PyTorch backend eager, and the PyTorch
+backend under ``torch.compile`` (the backend function itself, so that the whole loss is traced
+without the argument checks' host synchronisations).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -15,13 +16,15 @@ import soda_kernels as sk
 from soda_kernels import torch_backend
 from soda_kernels._validation import check_layer_weights
 
-HEADLINE = "in-batch both B=4096 L=3 K=256 d=128 bf16"
+CONTENDERS = ("triton", "eager", "compile")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
+TEMPERATURE = 4.0
+INTERPRETER_MAX_BATCH = 12  # without a GPU the Triton contender runs (interpreted) only this small
 
 
 @dataclass(frozen=True)
 class Case:
-    mode: str  # an in_batch mode, or "sampled"
+    mode: str  # an in_batch mode ("items", "users", "both", "mean"), or "sampled"
     batch: int
     layers: int = 3
     codes: int = 256
@@ -29,7 +32,6 @@ class Case:
     samples: int = 0  # negatives per row when mode == "sampled"
     dtype: str = "bfloat16"
     symmetric: bool = False
-    compile: bool = False  # also time torch.compile (compiling is slow: a few chosen cases)
 
     @property
     def name(self) -> str:
@@ -40,114 +42,117 @@ class Case:
 
     @property
     def num_items(self) -> int:
+        """In-batch: one item row per batch row; sampled: an item table four times the batch."""
         return 4 * self.batch if self.mode == "sampled" else self.batch
 
     def options(self) -> dict:
         in_batch = "items" if self.mode == "sampled" else self.mode
-        return dict(in_batch=in_batch, symmetric=self.symmetric, temperature=4.0)
+        return dict(in_batch=in_batch, symmetric=self.symmetric, temperature=TEMPERATURE)
 
     def record(self) -> dict:
         return dict(asdict(self), name=self.name)
 
+    def shrunk(self) -> Case:
+        """The same case at a size the CPU runs in a moment (``--bench-dry-run``)."""
+        return replace(self, batch=max(4, self.batch // 64), codes=max(4, self.codes // 8), dim=max(2, self.dim // 8),
+                       samples=min(self.samples, 8))
 
-def gpu_cases(full: bool) -> list[Case]:
-    """The default grid fits one 10-minute device call; ``full`` adds the rest of the issue's grid."""
-    cases = [
-        Case("both", 4096, compile=True),  # the headline
-        Case("items", 4096),
-        Case("users", 4096),
-        Case("mean", 4096, compile=True),
-        Case("sampled", 4096, samples=10, compile=True),
-        Case("both", 4096, symmetric=True),
-        Case("both", 4096, dtype="float32", compile=True),
-        *[Case("both", b) for b in (256, 1024, 16384)],
-        *[Case("sampled", 4096, samples=s) for s in (1, 100)],
-        Case("both", 4096, codes=1024),
-        Case("both", 4096, dim=256),
-        Case("both", 4096, layers=4),
+
+HEADLINE = Case("both", 4096)
+
+
+def default_grid() -> list[Case]:
+    """One device call's worth, most important first (the time budget cuts torch.compile from the end)."""
+    head = HEADLINE
+    return _unique([
+        head,
+        *(replace(head, batch=batch) for batch in (256, 1024, 16384)),  # the B sweep of the plot
+        Case("sampled", 4096, samples=10),
+        *(replace(head, mode=mode) for mode in ("mean", "items", "users")),
+        replace(head, dtype="float32"),
+        *(Case("sampled", 4096, samples=samples) for samples in (1, 100)),
+        replace(head, codes=64), replace(head, codes=1024),
+        replace(head, dim=32), replace(head, dim=256),
+        replace(head, layers=4),
+        replace(head, symmetric=True),
+    ])
+
+
+def full_grid() -> list[Case]:
+    """The default grid, then every mode at every B, and each variation of K, d, L, dtype and
+    symmetry for every mode at B = 4096 (several device calls with a larger budget)."""
+    modes = ("items", "users", "both", "mean")
+    bases = [replace(HEADLINE, mode=mode) for mode in modes] + [Case("sampled", 4096, samples=10)]
+    return _unique([
+        *default_grid(),
+        *(replace(HEADLINE, mode=mode, batch=batch) for mode in modes for batch in (256, 1024, 4096, 16384)),
+        *(Case("sampled", batch, samples=samples) for batch in (256, 1024, 16384) for samples in (1, 10, 100)),
+        *(
+            variant
+            for base in bases
+            for variant in (
+                replace(base, codes=64), replace(base, codes=1024), replace(base, dim=32), replace(base, dim=256),
+                replace(base, layers=4), replace(base, dtype="float32"), replace(base, symmetric=True),
+            )
+        ),
+    ])
+
+
+def smoke_grid() -> list[Case]:
+    """CPU smoke mode: the PyTorch contenders at small sizes, all three at the interpreter's tiny size."""
+    small = Case("both", 64, codes=32, dim=16, dtype="float32")
+    tiny = replace(small, batch=INTERPRETER_MAX_BATCH, codes=20, dim=6)
+    return [
+        small,
+        replace(tiny, symmetric=True),
+        replace(tiny, mode="mean"),
+        replace(tiny, mode="sampled", samples=4),
     ]
-    if full:
-        cases += [
-            Case(mode, b, codes=k, dim=d, layers=layers, dtype=dtype)
-            for mode in ("items", "both", "mean")
-            for b in (256, 1024, 4096, 16384)
-            for k in (64, 256, 1024)
-            for d in (32, 128, 256)
-            for layers in (3, 4)
-            for dtype in ("float32", "bfloat16")
-        ] + [Case("sampled", b, samples=s) for b in (256, 1024, 16384) for s in (1, 10, 100)]
+
+
+GRIDS = {"default": default_grid, "full": full_grid, "smoke": smoke_grid}
+
+
+def _unique(cases: list[Case]) -> list[Case]:
     return list(dict.fromkeys(cases))
 
 
-def cpu_cases() -> list[Case]:
-    """Smoke mode: small shapes, every mode; the Triton contender runs only the tiniest one."""
-    return [
-        Case("both", 64, codes=32, dim=16, dtype="float32"),
-        Case("items", 64, codes=32, dim=16, dtype="float32", symmetric=True),
-        Case("mean", 64, codes=32, dim=16, dtype="float32"),
-        Case("sampled", 64, codes=32, dim=16, samples=8, dtype="float32"),
-        Case("both", 12, codes=20, dim=6, dtype="float32"),
-    ]
-
-
-TINY = 12  # the batch size at which the interpreter runs the Triton contender on the CPU
-
-
-def selected_cases() -> list[Case]:
-    if not torch.cuda.is_available():
-        return cpu_cases()
-    return gpu_cases(full=os.environ.get("SODA_BENCH_FULL", "0") == "1")
-
-
 def make_inputs(case: Case, seed: int, device: torch.device) -> dict:
-    """Fresh random inputs (never zeros): residuals of unit scale, duplicates among positives."""
-    g = torch.Generator().manual_seed(seed)
+    """Fresh random inputs (never zeros): unit-scale residuals, positives drawn with repeats."""
+    g = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, case.dtype)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        return torch.randn(*shape, generator=g, device=device).to(dtype).requires_grad_()
 
-    inputs = dict(
+    def indices(*shape):
+        return torch.randint(0, case.num_items, shape, generator=g, device=device)
+
+    return dict(
         user=randn(case.batch, case.layers, case.dim),
         items=randn(case.num_items, case.layers, case.dim),
         codebooks=randn(case.layers, case.codes, case.dim),
-        positives=torch.randint(0, case.num_items, (case.batch,), generator=g).to(device),
-        negatives=None,
+        positives=indices(case.batch),
+        negatives=indices(case.batch, case.samples) if case.mode == "sampled" else None,
     )
-    if case.mode == "sampled":
-        inputs["negatives"] = torch.randint(0, case.num_items, (case.batch, case.samples), generator=g).to(device)
-    return inputs
 
 
-def contender(name: str, case: Case):
-    """A function of the inputs computing the loss: "triton", "eager" or "compile"."""
+def float_inputs(inputs: dict) -> list[torch.Tensor]:
+    return [inputs["user"], inputs["items"], inputs["codebooks"]]
+
+
+def contender(name: str, case: Case, device: torch.device):
+    """A function of an input dict returning the loss, for "triton", "eager" or "compile"."""
     options = case.options()
     if name == "triton":
         return lambda inputs: sk.distributional_bpr(**inputs, backend="triton", **options)
+    weights = check_layer_weights(None, case.layers, device)
 
     def torch_loss(user, items, codebooks, positives, negatives):
-        weights = check_layer_weights(None, case.layers, user.device)
         return torch_backend.distributional_bpr(
-            user, items, codebooks, positives, negatives, user_logits=False, user_temperature=options["temperature"],
+            user, items, codebooks, positives, negatives, user_logits=False, user_temperature=TEMPERATURE,
             layer_weights=weights, reduction="mean", **options,
         )
 
-    run = torch_loss if name == "eager" else torch.compile(torch_loss, mode=COMPILE_MODE, dynamic=False)
-    return lambda inputs: run(**inputs)
-
-
-def roofline(case: Case) -> dict:
-    """The fewest floating-point operations and bytes forward + backward must spend.
-
-    Soft assignments: 2 N L K d multiply-adds each way, forward and twice backward (dx, dC).
-    In-batch pairwise modes: the score matrix B x B over F = L K (2 L K when symmetric)
-    features once forward and three times backward at least (recompute, dA, dB); "mean" has none.
-    Sampled: B (1 + S) item rows through the codebooks. Bytes: inputs read and gradients written once.
-    """
-    element = torch.finfo(getattr(torch, case.dtype)).bits // 8
-    rows = case.batch + (case.batch * (1 + case.samples) if case.mode == "sampled" else case.batch)
-    assignment = 2 * rows * case.layers * case.codes * case.dim * 3
-    features = case.layers * case.codes * (2 if case.symmetric else 1)
-    pairwise = 0 if case.mode in ("mean", "sampled") else 2 * case.batch**2 * features * 4
-    inputs = (case.batch + case.num_items) * case.layers * case.dim + case.layers * case.codes * case.dim
-    return dict(flops=assignment + pairwise, bytes=2 * inputs * element)
+    loss_fn = torch_loss if name == "eager" else torch.compile(torch_loss, mode=COMPILE_MODE, dynamic=False)
+    return lambda inputs: loss_fn(**inputs)
