@@ -49,8 +49,8 @@ def draw(path: Path) -> Path:
         ax.set_xlabel("B")
         ax.set_ylabel(label)
     if sweep:
-        shape = {k: sweep[0][k] for k in SHAPE_KEYS}
-        fig.suptitle(f"distributional_bpr {shape} on {payload['device']}", fontsize=8)
+        shape = ", ".join(f"{k}={sweep[0][k]}" for k in SHAPE_KEYS)
+        fig.suptitle(f"distributional_bpr against B ({shape}) on {payload['device']}", fontsize=9)
     fig.tight_layout()
     target = path.with_suffix(".png")
     fig.savefig(target, dpi=120)
