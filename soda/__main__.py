@@ -2,6 +2,8 @@
 
 python -m soda train --dataset ml-100k --backbone tiger [--preset tiger|cpu] [--epochs N]
                      [--seed S] [--device cpu|cuda] [--out DIR] [--resume]
+                     [--soda [--soda-weight W] [--soda-temperature T] [--soda-in-batch MODE]
+                      [--soda-symmetric] [--soda-backend auto|triton|torch]]
 python -m soda baselines --dataset ml-100k [--out DIR]
 python -m soda main        # the README's main job: TIGER, MostPop, SASRec on ml-100k, one table
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from soda.alignment import SODAConfig
 from soda.data import KNOWN_DATASETS
 from soda.train import PRESETS, RunConfig, train_baselines, train_tiger
 
@@ -28,6 +31,13 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a generative recommender")
     train.add_argument("--backbone", default="tiger", choices=BACKBONES)
+    soda_defaults = SODAConfig()
+    train.add_argument("--soda", action="store_true", help="add SODA's alignment loss, alternating updates")
+    train.add_argument("--soda-weight", type=float, default=soda_defaults.weight, help="λ")
+    train.add_argument("--soda-temperature", type=float, default=soda_defaults.temperature)
+    train.add_argument("--soda-in-batch", default=soda_defaults.in_batch, choices=("items", "users", "both", "mean"))
+    train.add_argument("--soda-symmetric", action="store_true", help="score with KL(P||Q) + KL(Q||P)")
+    train.add_argument("--soda-backend", default=soda_defaults.backend, choices=("auto", "triton", "torch"))
     baselines = commands.add_parser("baselines", help="MostPop and SASRec")
     main_job = commands.add_parser("main", help="TIGER vs MostPop vs SASRec on ml-100k, on CPU")
     for command, preset, out in (
@@ -79,6 +89,15 @@ def configure(args: argparse.Namespace) -> RunConfig:
         config = replace(config, train=replace(config.train, epochs=args.epochs))
     if args.min_interactions is not None:
         config = replace(config, min_interactions=args.min_interactions)
+    if getattr(args, "soda", False):
+        soda = SODAConfig(
+            weight=args.soda_weight,
+            temperature=args.soda_temperature,
+            in_batch=args.soda_in_batch,
+            symmetric=args.soda_symmetric,
+            backend=args.soda_backend,
+        )
+        config = replace(config, soda=soda)
     return config
 
 

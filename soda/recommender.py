@@ -160,28 +160,36 @@ class Trie:
         return self
 
 
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of states (B, T, d) over the positions where mask (B, T) is True -> (B, d)."""
+    return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
 class TIGER(nn.Module):
     """Generative retrieval over semantic IDs (Rajput et al. 2023).
 
     semantic_ids (N, C): the codes of items 1..N, the last level de-duplicating;
-    codebook_size: K, the vocabulary of each of the first C - 1 levels.
+    codebook_size: K, the vocabulary of each of the first C - 1 levels;
+    extra_codes: the vocabulary of the de-duplicating level (default: what semantic_ids
+    needs; larger when the codes are re-derived during training, as SODA does).
     """
 
-    def __init__(self, semantic_ids: torch.Tensor, codebook_size: int, config: RecommenderConfig):
+    def __init__(
+        self,
+        semantic_ids: torch.Tensor,
+        codebook_size: int,
+        config: RecommenderConfig,
+        extra_codes: int | None = None,
+    ):
         super().__init__()
         self.config = config
-        depth = semantic_ids.shape[1]
-        self.level_sizes = [codebook_size] * (depth - 1) + [int(semantic_ids[:, -1].max()) + 1]
+        num_items, depth = semantic_ids.shape
+        self.level_sizes = [codebook_size] * (depth - 1) + [extra_codes or int(semantic_ids[:, -1].max()) + 1]
         offsets = torch.tensor([0, *self.level_sizes[:-1]]).cumsum(0)
         self.level_starts = [FIRST_CODE_TOKEN + int(o) for o in offsets]
-        item_tokens = torch.cat(
-            [
-                torch.zeros(1, depth, dtype=torch.long),
-                semantic_ids + torch.tensor(self.level_starts),
-            ]
-        )
-        self.register_buffer("item_tokens", item_tokens, persistent=False)  # (N + 1, C); row 0 = padding
-        self.trie = Trie(semantic_ids, max(self.level_sizes))
+        # (N + 1, C) tokens of each item; row 0 = padding
+        self.register_buffer("item_tokens", torch.zeros(num_items + 1, depth, dtype=torch.long), persistent=False)
+        self.set_semantic_ids(semantic_ids)
 
         vocab_size = FIRST_CODE_TOKEN + sum(self.level_sizes)
         self.embedding = nn.Embedding(vocab_size, config.d_model, padding_idx=PAD)
@@ -200,6 +208,17 @@ class TIGER(nn.Module):
         self.trie.to(self.item_tokens.device)
         return self
 
+    def set_semantic_ids(self, semantic_ids: torch.Tensor) -> None:
+        """(Re)build the item tokens and the trie from semantic_ids (N, C)."""
+        if int(semantic_ids[:, -1].max()) >= self.level_sizes[-1]:
+            raise ValueError(
+                f"semantic_ids need {int(semantic_ids[:, -1].max()) + 1} de-duplicating codes; "
+                f"the model has {self.level_sizes[-1]} (raise extra_codes)"
+            )
+        device = self.item_tokens.device
+        self.item_tokens[1:] = semantic_ids.to(device) + torch.tensor(self.level_starts, device=device)
+        self.trie = Trie(semantic_ids.cpu(), max(self.level_sizes)).to(device)
+
     def encode(self, histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """histories (B, T) item ids, 0 = padding -> states (B, T·C, d_model), key mask (B, T·C)."""
         tokens = self.item_tokens[histories].flatten(1)
@@ -213,8 +232,7 @@ class TIGER(nn.Module):
 
     def user_representation(self, histories: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder states over the history's real tokens: (B, T) -> (B, d_model)."""
-        states, mask = self.encode(histories)
-        return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return mean_pool(*self.encode(histories))
 
     def decode(self, states: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Decoder over tokens (B, t) starting with BOS, attending to states -> hidden (B, t, d_model)."""
@@ -234,9 +252,13 @@ class TIGER(nn.Module):
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Code cross-entropy, mean over levels: histories (B, T), targets (B,) -> scalar."""
+        return self.decoder_loss(*self.encode(histories), targets)
+
+    def decoder_loss(self, states: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``loss`` from encoder states (B, T·C, d_model) and their mask (B, T·C)."""
         target_tokens = self.item_tokens[targets]
         bos = torch.full_like(target_tokens[:, :1], BOS)
-        hidden = self.decode(*self.encode(histories), torch.cat([bos, target_tokens[:, :-1]], dim=1))
+        hidden = self.decode(states, mask, torch.cat([bos, target_tokens[:, :-1]], dim=1))
         losses = [
             F.cross_entropy(
                 self.level_logits(hidden[:, level], level),

@@ -92,7 +92,7 @@ class RQVAE(nn.Module):
         residual = latent
         residuals, codes, codewords = [], [], []
         for codebook in self.codebooks:
-            code = torch.cdist(residual.detach(), codebook.detach()).argmin(dim=-1)
+            code = nearest_code(residual, codebook)
             codeword = codebook[code]
             residuals.append(residual)
             codes.append(code)
@@ -105,6 +105,19 @@ class RQVAE(nn.Module):
             codewords=torch.stack(codewords, dim=1),
             last_residual=residual,
         )
+
+    def layer_residuals(self, layer_latents: torch.Tensor) -> torch.Tensor:
+        """Residual quantisation of one latent per layer (SODA's user side): (N, L, d) -> residuals (N, L, d).
+
+        Layer l's residual is layer_latents[:, l] minus the codewords chosen (nearest, hard,
+        no gradient, as in ``quantize``) at layers < l.
+        """
+        residuals, chosen = [], torch.zeros_like(layer_latents[:, 0])
+        for layer, codebook in enumerate(self.codebooks):
+            residual = layer_latents[:, layer] - chosen
+            residuals.append(residual)
+            chosen = chosen + codebook[nearest_code(residual, codebook)].detach()
+        return torch.stack(residuals, dim=1)
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
         """Embeddings (N, D) -> (loss, quantisation); loss = reconstruction + quantisation."""
@@ -129,13 +142,18 @@ class RQVAE(nn.Module):
         residual = self.encoder(embeddings)
         for codebook in self.codebooks:
             codebook.copy_(kmeans(residual, self.config.codebook_size, self.config.kmeans_iterations))
-            residual = residual - codebook[torch.cdist(residual, codebook).argmin(dim=-1)]
+            residual = residual - codebook[nearest_code(residual, codebook)]
 
     @torch.no_grad()
     def semantic_ids(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Unique semantic IDs: embeddings (N, D) -> codes (N, L + 1), the last one de-duplicating."""
-        codes = self.quantize(self.encoder(embeddings)).codes
+        codes = self.quantize(self.encoder(embeddings)).codes.cpu()
         return torch.cat([codes, collision_rank(codes)[:, None]], dim=1)
+
+
+def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codeword, no gradient: residual (N, d), codebook (K, d) -> (N,)."""
+    return torch.cdist(residual.detach(), codebook.detach()).argmin(dim=-1)
 
 
 def kmeans(points: torch.Tensor, k: int, iterations: int) -> torch.Tensor:

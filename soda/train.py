@@ -1,7 +1,9 @@
 """Training and evaluation: one loop for every trained recommender, plus the run recipes.
 
 A recommender here is an ``nn.Module`` with ``loss(histories, targets) -> scalar`` and
-``recommend(histories, k) -> (B, k)`` item ids (TIGER, SASRec; MostPop only recommends).
+``recommend(histories, k) -> (B, k)`` item ids (TIGER, SASRec; MostPop only recommends),
+and optionally ``start_epoch(epoch, epochs)``, called before each training epoch (SODA's
+alternating schedule).
 ``fit`` trains it with AdamW (linear warm-up, cosine decay), evaluates on validation,
 keeps the best checkpoint by validation Recall@10 (written atomically), can resume a
 stopped run from ``last.pt``, and writes ``metrics.json`` and ``curves.png``.
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from soda.alignment import SODA, SODAConfig
 from soda.baselines import MostPop, SASRec, SASRecConfig
 from soda.data import Examples, Split, k_core, leave_one_out, load_dataset
 from soda.embeddings import item_embeddings
@@ -55,6 +58,7 @@ class RunConfig:
     sasrec_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=50))
     max_history: int = 20
     min_interactions: int = 0  # k-core filtering when > 0
+    soda: SODAConfig | None = None  # the SODA switch (off: the plain backbone)
 
 
 PRESETS = {
@@ -113,6 +117,8 @@ def fit(
 
     for epoch in range(state["epoch"], config.epochs):
         model.train()
+        if hasattr(model, "start_epoch"):
+            model.start_epoch(epoch, config.epochs)
         order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
         epoch_loss = 0.0
@@ -236,16 +242,18 @@ def train_tiger(
     resume: bool = False,
     data_dir: str | None = None,
 ) -> dict:
-    """Item embeddings -> RQ-VAE semantic IDs -> TIGER; returns the validation/test metrics."""
+    """Item embeddings -> RQ-VAE semantic IDs -> TIGER (+ SODA with ``config.soda``); returns the
+    validation/test metrics."""
     torch.manual_seed(seed)
     dataset, split = prepare_split(dataset_name, data_dir, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.pt"
+    embeddings = item_embeddings(dataset.name, dataset.item_texts)
+    tokenizer = RQVAE(embeddings.shape[1], config.tokenizer)
     if resume and tokenizer_path.exists():
         saved = torch.load(tokenizer_path)
+        tokenizer.load_state_dict(saved["model"])
     else:
-        embeddings = item_embeddings(dataset.name, dataset.item_texts)
-        tokenizer = RQVAE(embeddings.shape[1], config.tokenizer)
         losses = train_tokenizer(tokenizer, embeddings)
         semantic_ids = tokenizer.semantic_ids(embeddings)
         saved = {
@@ -256,10 +264,17 @@ def train_tiger(
         }
         save_atomic(saved, tokenizer_path)
     print("rq-vae: " + ", ".join(f"{name} {value:.3g}" for name, value in saved["stats"].items()))
-    model = TIGER(saved["semantic_ids"], config.tokenizer.codebook_size, config.recommender)
+    # SODA re-derives the codes during training: room for any number of colliding items
+    extra_codes = dataset.num_items if config.soda is not None else None
+    model = TIGER(saved["semantic_ids"], config.tokenizer.codebook_size, config.recommender, extra_codes)
+    if config.soda is not None:
+        model = SODA(model, tokenizer, embeddings, config.soda)
     print(f"tiger: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     result = fit(model, split, config.train, out_dir, device, resume, seed, {"rq-vae loss": saved["losses"]})
     result["tokenizer"] = saved["stats"]
+    if config.soda is not None:  # the codes SODA's tokenizer ended with
+        final_ids = model.tokenizer.semantic_ids(model.item_embeddings)
+        result["tokenizer_final"] = codebook_stats(final_ids, config.tokenizer.codebook_size)
     write_metrics(out_dir, result)
     return result
 
