@@ -73,13 +73,14 @@ def project_logit_grad(grad_logits: torch.Tensor, x: torch.Tensor, codebooks: to
     """Gradients of residuals and codebooks from dLoss/da, with a = codebook logits of x.
 
     grad_logits (R, L, K) float32 (each row summing to 0 over K), x (R, L, d) -> dx (R, L, d) float32,
-    dC (L, K, d) float32. Plain batched matrix products: deterministic.
+    dC (L, K, d) float32, both contiguous (custom-op outputs need strides their fake impls can state).
+    Plain batched matrix products: deterministic.
     """
     scale = 2.0 / temperature
     x32, c32 = x.float(), codebooks.float()
     grad_x = scale * torch.einsum("rlk,lkd->rld", grad_logits, c32)
     grad_c = scale * (torch.einsum("rlk,rld->lkd", grad_logits, x32) - grad_logits.sum(0)[..., None] * c32)
-    return grad_x, grad_c
+    return grad_x.contiguous(), grad_c.contiguous()
 
 
 @triton.jit

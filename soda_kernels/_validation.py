@@ -2,6 +2,11 @@
 
 Every check runs before any computation and raises an exception that names the
 argument and says what was expected, so a bad call never reaches a kernel.
+
+Shape, dtype, device and option checks read only metadata and always run. The value checks
+(index ranges, layer-weight values) read tensor data: a host synchronisation, and a graph break
+under ``torch.compile``. They run in eager mode unless the caller passes ``validate=False``
+(trusted inputs in a hot loop) and are skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ def check_float_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
     if value.dim() != ndim:
         raise ValueError(f"{name} must have shape ({dims}), got a {value.dim()}-d tensor of shape {tuple(value.shape)}")
     return value
+
+
+def check_values(validate) -> bool:
+    """Whether to run the value checks: ``validate`` (a bool) and not tracing for ``torch.compile``."""
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+    return validate and not torch.compiler.is_compiling()
 
 
 def check_index_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
@@ -77,8 +89,9 @@ def check_option(name: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_layer_weights(value, num_layers: int, device: torch.device) -> torch.Tensor:
-    """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` non-negative weights.
+def check_layer_weights(value, num_layers: int, device: torch.device, values: bool = True) -> torch.Tensor:
+    """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` non-negative weights
+    (finiteness and sign checked only with ``values``).
 
     Returned as a detached float32 tensor on ``device``: layer weights get no gradient.
     """
@@ -95,7 +108,7 @@ def check_layer_weights(value, num_layers: int, device: torch.device) -> torch.T
             raise TypeError(f"layer_weights must be a sequence of numbers or a 1-d tensor: {error}") from None
     if weights.dim() != 1 or weights.numel() != num_layers:
         raise ValueError(f"layer_weights must hold L={num_layers} weights, got shape {tuple(weights.shape)}")
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+    if values and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
         raise ValueError(f"layer_weights must be finite and >= 0, got {weights.tolist()}")
     return weights
 
@@ -132,7 +145,7 @@ class BPRArgs:
 
 def check_distributional_bpr(
     user, items, codebooks, positives, negatives, *, user_logits, in_batch, symmetric,
-    temperature, user_temperature, layer_weights, reduction, backend,
+    temperature, user_temperature, layer_weights, reduction, backend, validate,
 ) -> BPRArgs:
     if not isinstance(user_logits, bool):
         raise TypeError(f"user_logits must be a bool, got {type(user_logits).__name__}")
@@ -166,9 +179,10 @@ def check_distributional_bpr(
     check_option("backend", backend, BACKENDS)
     tau = check_temperature("temperature", temperature)
     tau_user = tau if user_temperature is None else check_temperature("user_temperature", user_temperature)
-    weights = check_layer_weights(layer_weights, num_layers, device)
-    num_items = items.shape[0]
-    check_index_range("positives", positives, 0, num_items)
-    if negatives is not None:
-        check_index_range("negatives", negatives, -1, num_items)
+    values = check_values(validate)
+    weights = check_layer_weights(layer_weights, num_layers, device, values)
+    if values:
+        check_index_range("positives", positives, 0, items.shape[0])
+        if negatives is not None:
+            check_index_range("negatives", negatives, -1, items.shape[0])
     return BPRArgs(weights, tau, tau_user, in_batch, reduction, backend)

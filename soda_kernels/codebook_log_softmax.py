@@ -69,21 +69,42 @@ def codebook_log_softmax_forward(x: torch.Tensor, codebooks: torch.Tensor, tempe
     return out
 
 
-class CodebookLogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, codebooks, temperature):
-        log_probs = codebook_log_softmax_forward(x, codebooks, temperature)
-        ctx.save_for_backward(x, codebooks, log_probs)
-        ctx.temperature = temperature
-        return log_probs
+@torch.library.custom_op("soda_kernels::codebook_log_softmax", mutates_args=())
+def codebook_log_softmax_op(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
+    return codebook_log_softmax_forward(x, codebooks, temperature)
 
-    @staticmethod
-    def backward(ctx, grad_log_probs):
-        x, codebooks, log_probs = ctx.saved_tensors
-        grad_log_probs = grad_log_probs.float()
-        grad_logits = grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
-        grad_x, grad_c = project_logit_grad(grad_logits, x, codebooks, ctx.temperature)
-        return grad_x.to(x.dtype), grad_c.to(codebooks.dtype), None
+
+@codebook_log_softmax_op.register_fake
+def _(x, codebooks, temperature):
+    return x.new_empty((x.shape[0], x.shape[1], codebooks.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("soda_kernels::codebook_log_softmax_backward", mutates_args=())
+def codebook_log_softmax_backward(
+    grad_log_probs: torch.Tensor, x: torch.Tensor, codebooks: torch.Tensor, log_probs: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_log_probs = grad_log_probs.float()
+    grad_logits = grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
+    grad_x, grad_c = project_logit_grad(grad_logits, x, codebooks, temperature)
+    return grad_x.to(x.dtype), grad_c.to(codebooks.dtype)
+
+
+@codebook_log_softmax_backward.register_fake
+def _(grad_log_probs, x, codebooks, log_probs, temperature):
+    return x.new_empty(x.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, codebooks, ctx.temperature = inputs
+    ctx.save_for_backward(x, codebooks, output)
+
+
+def _backward(ctx, grad_log_probs):
+    return *codebook_log_softmax_backward(grad_log_probs, *ctx.saved_tensors, ctx.temperature), None
+
+
+codebook_log_softmax_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @autocast_off
@@ -107,4 +128,4 @@ def codebook_log_softmax(
     tau = check_temperature("temperature", temperature)
     if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
         return torch_backend.codebook_log_softmax(x, codebooks, tau)
-    return CodebookLogSoftmax.apply(x, codebooks, tau)
+    return codebook_log_softmax_op(x, codebooks, tau)

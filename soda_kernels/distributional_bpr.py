@@ -42,6 +42,7 @@ def distributional_bpr(
     layer_weights=None,
     reduction: str = "mean",
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """BPR loss with negative (layer-weighted, optionally symmetric) KL as the score.
 
@@ -59,6 +60,10 @@ def distributional_bpr(
         layer_weights: None (all ones) or L non-negative weights.
         reduction: "mean", "sum" or "none".
         backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+        validate: check the values of ``positives``, ``negatives`` (index ranges) and
+            ``layer_weights``, a host synchronisation; pass False for trusted inputs in a hot
+            loop. Shapes, dtypes, devices and options are always checked. The value checks are
+            skipped while ``torch.compile`` traces, so a compiled call never syncs.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or (B,) with ``reduction="none"``.
@@ -66,7 +71,7 @@ def distributional_bpr(
     args = check_distributional_bpr(
         user, items, codebooks, positives, negatives, user_logits=user_logits, in_batch=in_batch,
         symmetric=symmetric, temperature=temperature, user_temperature=user_temperature,
-        layer_weights=layer_weights, reduction=reduction, backend=backend,
+        layer_weights=layer_weights, reduction=reduction, backend=backend, validate=validate,
     )
     options = dict(
         user_logits=user_logits, symmetric=symmetric, temperature=args.temperature,
@@ -94,7 +99,7 @@ class DistributionalBPRLoss(nn.Module):
         super().__init__()
         allowed = {
             "user_logits", "in_batch", "symmetric", "temperature", "user_temperature",
-            "layer_weights", "reduction", "backend",
+            "layer_weights", "reduction", "backend", "validate",
         }
         unknown = sorted(set(options) - allowed)
         if unknown:

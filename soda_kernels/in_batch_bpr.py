@@ -166,16 +166,6 @@ def _in_batch_coeff_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-@dataclass(frozen=True)
-class _Options:
-    in_batch: str
-    user_logits: bool
-    symmetric: bool
-    temperature: float
-    user_temperature: float
-    reduction: str
-
-
 @dataclass
 class _Operands:
     """S = rows cols^T + row_bias[:, None] + col_bias[None, :]; diag[b] = S[b, b]. All float32."""
@@ -187,13 +177,13 @@ class _Operands:
     diag: torch.Tensor  # (B,)
 
 
-def _log_probs(user, items, codebooks, positives, options: _Options):
+def _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature):
     """log Q (B, L, K) of the users and log P (B, L, K) of their positive items, float32."""
-    if options.user_logits:
+    if user_logits:
         log_q = torch.log_softmax(user.float(), -1)
     else:
-        log_q = codebook_log_softmax_forward(user, codebooks, options.user_temperature)
-    log_p = codebook_log_softmax_forward(items[positives], codebooks, options.temperature)
+        log_q = codebook_log_softmax_forward(user, codebooks, user_temperature)
+    log_p = codebook_log_softmax_forward(items[positives], codebooks, temperature)
     return log_q, log_p
 
 
@@ -355,49 +345,76 @@ def _log_softmax_backward(log_probs, grad_log_probs):
     return grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
 
 
-class InBatchBPR(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, user, items, codebooks, positives, weights, options: _Options):
-        log_q, log_p = _log_probs(user, items, codebooks, positives, options)
-        if options.in_batch == "mean":
-            row_sums, row_counts = _mean_user_terms(log_q, log_p, positives, weights, options.symmetric)
-        else:
-            ops = _operands(log_q, log_p, weights, options.symmetric)
-            row_sums = _pair_term_sums(ops, positives, options.in_batch)
-            row_counts = _groups(positives)[2].float() * (2 if options.in_batch == "both" else 1)
-        ctx.save_for_backward(user, items, codebooks, positives, weights, row_counts)
-        ctx.options = options
-        return torch_backend.reduce_terms(row_sums, row_counts, options.reduction)
+@torch.library.custom_op("soda_kernels::in_batch_bpr", mutates_args=())
+def in_batch_bpr_op(
+    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor,
+    in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reduced loss, the number of terms of each row (B,) float32, kept for backward)."""
+    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
+    if in_batch == "mean":
+        row_sums, row_counts = _mean_user_terms(log_q, log_p, positives, weights, symmetric)
+    else:
+        ops = _operands(log_q, log_p, weights, symmetric)
+        row_sums = _pair_term_sums(ops, positives, in_batch)
+        row_counts = _groups(positives)[2].float() * (2 if in_batch == "both" else 1)
+    return torch_backend.reduce_terms(row_sums, row_counts, reduction), row_counts
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        user, items, codebooks, positives, weights, row_counts = ctx.saved_tensors
-        options = ctx.options
-        scale = _row_scales(grad_output, row_counts, options.reduction)
-        log_q, log_p = _log_probs(user, items, codebooks, positives, options)
-        if options.in_batch == "mean":
-            with torch.enable_grad():
-                log_q, log_p = log_q.requires_grad_(), log_p.requires_grad_()
-                terms, _ = _mean_user_terms(log_q, log_p, positives, weights, options.symmetric)
-                grad_log_q, grad_log_p = torch.autograd.grad(terms, (log_q, log_p), scale)
-        else:
-            ops = _operands(log_q, log_p, weights, options.symmetric)
-            grads = _pair_operand_grads(ops, positives, scale, options.in_batch)
-            grad_log_q, grad_log_p = _log_prob_grads(grads, log_q, log_p, weights, options.symmetric)
-        grad_user_logits = _log_softmax_backward(log_q.detach(), grad_log_q)
-        grad_item_logits = _log_softmax_backward(log_p.detach(), grad_log_p)
-        grad_rows, grad_codebooks = project_logit_grad(grad_item_logits, items[positives], codebooks,
-                                                       options.temperature)
-        grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-        grad_items.index_put_((positives,), grad_rows, accumulate=True)
-        if options.user_logits:
-            grad_user = grad_user_logits
-        else:
-            grad_user, grad_codebooks_users = project_logit_grad(grad_user_logits, user, codebooks,
-                                                                 options.user_temperature)
-            grad_codebooks = grad_codebooks + grad_codebooks_users
-        return (grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype),
-                None, None, None)
+
+@in_batch_bpr_op.register_fake
+def _(user, items, codebooks, positives, weights, in_batch, user_logits, symmetric, temperature,
+      user_temperature, reduction):
+    loss_shape = positives.shape if reduction == "none" else ()
+    return user.new_empty(loss_shape, dtype=torch.float32), user.new_empty(positives.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("soda_kernels::in_batch_bpr_backward", mutates_args=())
+def in_batch_bpr_backward(
+    grad_output: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
+    positives: torch.Tensor, weights: torch.Tensor, row_counts: torch.Tensor,
+    in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = _row_scales(grad_output, row_counts, reduction)
+    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
+    if in_batch == "mean":
+        def terms(log_q, log_p):
+            return _mean_user_terms(log_q, log_p, positives, weights, symmetric)[0]
+
+        grad_log_q, grad_log_p = torch.func.vjp(terms, log_q, log_p)[1](scale)
+    else:
+        ops = _operands(log_q, log_p, weights, symmetric)
+        grads = _pair_operand_grads(ops, positives, scale, in_batch)
+        grad_log_q, grad_log_p = _log_prob_grads(grads, log_q, log_p, weights, symmetric)
+    grad_user_logits = _log_softmax_backward(log_q, grad_log_q)
+    grad_item_logits = _log_softmax_backward(log_p, grad_log_p)
+    grad_rows, grad_codebooks = project_logit_grad(grad_item_logits, items[positives], codebooks, temperature)
+    grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
+    grad_items.index_put_((positives,), grad_rows, accumulate=True)
+    if user_logits:
+        grad_user = grad_user_logits
+    else:
+        grad_user, grad_codebooks_users = project_logit_grad(grad_user_logits, user, codebooks, user_temperature)
+        grad_codebooks = grad_codebooks + grad_codebooks_users
+    return grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype)
+
+
+@in_batch_bpr_backward.register_fake
+def _(grad_output, user, items, codebooks, positives, weights, row_counts, *options):
+    return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    user, items, codebooks, positives, weights, *ctx.options = inputs
+    ctx.save_for_backward(user, items, codebooks, positives, weights, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_output, _grad_row_counts):
+    grads = in_batch_bpr_backward(grad_output, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None, None, None, None
+
+
+in_batch_bpr_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def in_batch_bpr(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,
@@ -407,5 +424,6 @@ def in_batch_bpr(user, items, codebooks, positives, *, in_batch, user_logits, sy
     user (B, L, d) residuals or (B, L, K) logits, items (N, L, d), codebooks (L, K, d),
     positives (B,); returns a float32 scalar, or (B,) with ``reduction="none"``.
     """
-    options = _Options(in_batch, user_logits, symmetric, temperature, user_temperature, reduction)
-    return InBatchBPR.apply(user, items, codebooks, positives.long().contiguous(), layer_weights, options)
+    loss, _ = in_batch_bpr_op(user, items, codebooks, positives.long().contiguous(), layer_weights, in_batch,
+                              user_logits, symmetric, temperature, user_temperature, reduction)
+    return loss

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from . import torch_backend
-from ._backend import resolve_backend
+from ._backend import autocast_off, resolve_backend
 from ._triton_utils import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
-from ._validation import check_float_tensor, check_layer_weights, check_same_device
+from ._validation import check_float_tensor, check_layer_weights, check_same_device, check_values
 
 
 @triton.jit
@@ -77,43 +77,65 @@ def _logit_stats(logits: torch.Tensor):
     return distribution_stats(logits, shape_only, 1.0, from_logits=True)
 
 
-class PairwiseKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p_logits, q_logits, weights):
-        (num_p, num_layers, num_codes), num_q = p_logits.shape, q_logits.shape[0]
-        p_lse, p_negent = _logit_stats(p_logits)
-        q_lse, _ = _logit_stats(q_logits)
-        out = torch.empty((num_p, num_q), dtype=torch.float32, device=p_logits.device)
-        block_m, block_b = block_size(num_p, high=64), block_size(num_q, high=64)
-        _pairwise_kl_kernel[(triton.cdiv(num_p, block_m), triton.cdiv(num_q, block_b))](
-            p_logits, *p_logits.stride(), q_logits, *q_logits.stride(),
-            p_lse, p_negent, q_lse, weights, out, *out.stride(),
-            num_p, num_q, num_layers, num_codes,
-            BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_K=block_size(num_codes, high=64),
-            PRECISION=FP32_DOT_PRECISION,
-        )
-        ctx.save_for_backward(p_logits, q_logits, weights)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        p_logits, q_logits, weights = ctx.saved_tensors
-        grad_out = grad_out.float()
-        log_p = p_logits.float().log_softmax(-1)
-        log_q = q_logits.float().log_softmax(-1)
-        p = log_p.exp()
-        w = weights[:, None]
-        h = torch.einsum("mb,blk->mlk", grad_out, log_q)
-        row_grad = grad_out.sum(1)[:, None, None]
-        negative_entropy = (p * log_p).sum(-1, keepdim=True)
-        grad_p = w * p * (row_grad * (log_p - negative_entropy) - h + (p * h).sum(-1, keepdim=True))
-        grad_q = w * (log_q.exp() * grad_out.sum(0)[:, None, None]
-                      - torch.einsum("mb,mlk->blk", grad_out, p))
-        return grad_p.to(p_logits.dtype), grad_q.to(q_logits.dtype), None
+@torch.library.custom_op("soda_kernels::pairwise_kl", mutates_args=())
+def pairwise_kl_op(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    (num_p, num_layers, num_codes), num_q = p_logits.shape, q_logits.shape[0]
+    p_lse, p_negent = _logit_stats(p_logits)
+    q_lse, _ = _logit_stats(q_logits)
+    out = torch.empty((num_p, num_q), dtype=torch.float32, device=p_logits.device)
+    block_m, block_b = block_size(num_p, high=64), block_size(num_q, high=64)
+    _pairwise_kl_kernel[(triton.cdiv(num_p, block_m), triton.cdiv(num_q, block_b))](
+        p_logits, *p_logits.stride(), q_logits, *q_logits.stride(),
+        p_lse, p_negent, q_lse, weights, out, *out.stride(),
+        num_p, num_q, num_layers, num_codes,
+        BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_K=block_size(num_codes, high=64),
+        PRECISION=FP32_DOT_PRECISION,
+    )
+    return out
 
 
+@pairwise_kl_op.register_fake
+def _(p_logits, q_logits, weights):
+    return p_logits.new_empty((p_logits.shape[0], q_logits.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("soda_kernels::pairwise_kl_backward", mutates_args=())
+def pairwise_kl_backward(
+    grad_out: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.float()
+    log_p = p_logits.float().log_softmax(-1)
+    log_q = q_logits.float().log_softmax(-1)
+    p = log_p.exp()
+    w = weights[:, None]
+    h = torch.einsum("mb,blk->mlk", grad_out, log_q)
+    row_grad = grad_out.sum(1)[:, None, None]
+    negative_entropy = (p * log_p).sum(-1, keepdim=True)
+    grad_p = w * p * (row_grad * (log_p - negative_entropy) - h + (p * h).sum(-1, keepdim=True))
+    grad_q = w * (log_q.exp() * grad_out.sum(0)[:, None, None] - torch.einsum("mb,mlk->blk", grad_out, p))
+    return grad_p.to(p_logits.dtype), grad_q.to(q_logits.dtype)
+
+
+@pairwise_kl_backward.register_fake
+def _(grad_out, p_logits, q_logits, weights):
+    return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    return *pairwise_kl_backward(grad_out, *ctx.saved_tensors), None
+
+
+pairwise_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@autocast_off
 def pairwise_kl(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, layer_weights=None, *, backend: str = "auto"
+    p_logits: torch.Tensor, q_logits: torch.Tensor, layer_weights=None, *, backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Layer-weighted KL(softmax(p_logits[i]) || softmax(q_logits[j])) for every pair (i, j).
 
@@ -122,6 +144,8 @@ def pairwise_kl(
         q_logits: (B, L, K) unnormalised logits.
         layer_weights: None (all ones), or L non-negative weights.
         backend: "auto", "triton" or "torch".
+        validate: check the layer-weight values (finite, >= 0), a host synchronisation; pass False
+            for trusted inputs in a hot loop. Skipped while ``torch.compile`` traces.
 
     Returns:
         (M, B) float32 (float64 for float64 inputs).
@@ -136,7 +160,7 @@ def pairwise_kl(
     if p_logits.shape[2] < 2:
         raise ValueError(f"p_logits must have K >= 2 codes, got K={p_logits.shape[2]}")
     device = check_same_device(p_logits=p_logits, q_logits=q_logits)
-    weights = check_layer_weights(layer_weights, p_logits.shape[1], device)
+    weights = check_layer_weights(layer_weights, p_logits.shape[1], device, check_values(validate))
     if resolve_backend(backend, p_logits=p_logits, q_logits=q_logits) == "torch":
         return torch_backend.pairwise_kl(p_logits, q_logits, weights)
-    return PairwiseKL.apply(p_logits, q_logits, weights.contiguous())
+    return pairwise_kl_op(p_logits, q_logits, weights.contiguous())

@@ -242,53 +242,76 @@ def _launch(kernel, user, items, codebooks, samples, weights, *extra, user_logit
     )
 
 
-class SampledBPR(torch.autograd.Function):
-    """Per-row sums of the BPR terms, (B,) float32; the reduction runs outside in torch."""
+@torch.library.custom_op("soda_kernels::sampled_bpr", mutates_args=())
+def sampled_bpr_op(
+    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, samples: torch.Tensor, weights: torch.Tensor,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the BPR terms (B,) and the scores (B, 1 + S), float32; the reduction runs
+    outside in torch and the scores are kept for backward."""
+    scores = torch.empty(samples.shape, dtype=torch.float32, device=user.device)
+    row_sums = torch.empty(samples.shape[0], dtype=torch.float32, device=user.device)
+    _launch(_sampled_bpr_forward_kernel, user, items, codebooks, samples, weights, scores, row_sums,
+            user_logits=user_logits, symmetric=symmetric, temperature=temperature,
+            user_temperature=user_temperature)
+    return row_sums, scores
 
-    @staticmethod
-    def forward(ctx, user, items, codebooks, samples, weights, user_logits, symmetric,
-                temperature, user_temperature):
-        options = dict(user_logits=user_logits, symmetric=symmetric, temperature=temperature,
-                       user_temperature=user_temperature)
-        scores = torch.empty(samples.shape, dtype=torch.float32, device=user.device)
-        row_sums = torch.empty(samples.shape[0], dtype=torch.float32, device=user.device)
-        _launch(_sampled_bpr_forward_kernel, user, items, codebooks, samples, weights,
-                scores, row_sums, **options)
-        ctx.save_for_backward(user, items, codebooks, samples, weights, scores)
-        ctx.options = options
-        return row_sums
 
-    @staticmethod
-    def backward(ctx, grad_row_sums):
-        user, items, codebooks, samples, weights, scores = ctx.saved_tensors
-        options = ctx.options
-        negative = samples[:, 1:] >= 0
-        coef_negative = grad_row_sums.float()[:, None] * torch.sigmoid(scores[:, 1:] - scores[:, :1])
-        coef_negative = coef_negative * negative
-        coef = torch.cat([-coef_negative.sum(1, keepdim=True), coef_negative], 1).contiguous()
-        num_layers, num_codes, _ = codebooks.shape
-        grad_user_logits = torch.zeros((user.shape[0], num_layers, num_codes),
-                                       dtype=torch.float32, device=user.device)
-        grad_item_logits = torch.empty((samples.numel(), num_layers, num_codes),
-                                       dtype=torch.float32, device=user.device)
-        _launch(_sampled_bpr_backward_kernel, user, items, codebooks, samples, weights,
-                coef, grad_user_logits, grad_item_logits, **options)
+@sampled_bpr_op.register_fake
+def _(user, items, codebooks, samples, weights, user_logits, symmetric, temperature, user_temperature):
+    return user.new_empty(samples.shape[:1], dtype=torch.float32), user.new_empty(samples.shape, dtype=torch.float32)
 
-        occurrences = samples.flatten().clamp_min(0)
-        grad_item_occurrences, grad_codebooks = project_logit_grad(
-            grad_item_logits, items[occurrences], codebooks, options["temperature"]
-        )
-        grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-        grad_items.index_put_((occurrences,), grad_item_occurrences, accumulate=True)
-        if options["user_logits"]:
-            grad_user = grad_user_logits
-        else:
-            grad_user, grad_codebooks_user = project_logit_grad(
-                grad_user_logits, user, codebooks, options["user_temperature"]
-            )
-            grad_codebooks = grad_codebooks + grad_codebooks_user
-        return (grad_user.to(user.dtype), grad_items.to(items.dtype),
-                grad_codebooks.to(codebooks.dtype), None, None, None, None, None, None)
+
+@torch.library.custom_op("soda_kernels::sampled_bpr_backward", mutates_args=())
+def sampled_bpr_backward(
+    grad_row_sums: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
+    samples: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    negative = samples[:, 1:] >= 0
+    coef_negative = grad_row_sums.float()[:, None] * torch.sigmoid(scores[:, 1:] - scores[:, :1])
+    coef_negative = coef_negative * negative
+    coef = torch.cat([-coef_negative.sum(1, keepdim=True), coef_negative], 1).contiguous()
+    num_layers, num_codes, _ = codebooks.shape
+    grad_user_logits = torch.zeros((user.shape[0], num_layers, num_codes),
+                                   dtype=torch.float32, device=user.device)
+    grad_item_logits = torch.empty((samples.numel(), num_layers, num_codes),
+                                   dtype=torch.float32, device=user.device)
+    _launch(_sampled_bpr_backward_kernel, user, items, codebooks, samples, weights,
+            coef, grad_user_logits, grad_item_logits, user_logits=user_logits, symmetric=symmetric,
+            temperature=temperature, user_temperature=user_temperature)
+
+    occurrences = samples.flatten().clamp_min(0)
+    grad_item_occurrences, grad_codebooks = project_logit_grad(
+        grad_item_logits, items[occurrences], codebooks, temperature
+    )
+    grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
+    grad_items.index_put_((occurrences,), grad_item_occurrences, accumulate=True)
+    if user_logits:
+        grad_user = grad_user_logits
+    else:
+        grad_user, grad_codebooks_user = project_logit_grad(grad_user_logits, user, codebooks, user_temperature)
+        grad_codebooks = grad_codebooks + grad_codebooks_user
+    return grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype)
+
+
+@sampled_bpr_backward.register_fake
+def _(grad_row_sums, user, items, codebooks, samples, weights, scores, *options):
+    return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    user, items, codebooks, samples, weights, *ctx.options = inputs
+    ctx.save_for_backward(user, items, codebooks, samples, weights, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_row_sums, _grad_scores):
+    grads = sampled_bpr_backward(grad_row_sums, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None, None
+
+
+sampled_bpr_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sampled_bpr(user, items, codebooks, positives, negatives, *, user_logits, symmetric, temperature,
@@ -300,7 +323,7 @@ def sampled_bpr(user, items, codebooks, positives, negatives, *, user_logits, sy
     """
     samples = torch.cat([positives[:, None], negatives], 1).to(torch.int64).contiguous()
     weights = layer_weights.to(torch.float32).contiguous()
-    row_sums = SampledBPR.apply(user, items, codebooks, samples, weights, user_logits, symmetric,
-                                temperature, user_temperature)
+    row_sums, _ = sampled_bpr_op(user, items, codebooks, samples, weights, user_logits, symmetric,
+                                 temperature, user_temperature)
     row_counts = (negatives >= 0).sum(1)
     return torch_backend.reduce_terms(row_sums, row_counts, reduction)

@@ -94,15 +94,20 @@ def in_batch_mean_user(log_q: torch.Tensor, positives: torch.Tensor):
     """log of the mean user distribution over the rows whose positive differs from row b's.
 
     Returns (log_mean (B, L, K), count (B,)); rows with count 0 get an arbitrary finite value.
+    Static shapes (torch.compile traces it whole): group g is the g-th smallest positive, found by
+    a sort, and the group sums have B slots, the ones past the last group left at zero.
     """
-    groups, group_of_row = torch.unique(positives, return_inverse=True)
+    batch = len(positives)
+    ordered, order = torch.sort(positives)
+    group_starts = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    group_of_row = torch.empty_like(order).scatter_(0, order, torch.cumsum(group_starts, 0) - 1)
     probs = log_q.exp()
-    group_sum = probs.new_zeros((len(groups),) + probs.shape[1:]).index_add_(0, group_of_row, probs)
+    group_sum = probs.new_zeros(probs.shape).index_add_(0, group_of_row, probs)
     zero = torch.zeros_like(group_sum[:1])
     before = torch.cat([zero, torch.cumsum(group_sum, 0)[:-1]])  # groups strictly before
     after = torch.cat([torch.flip(torch.cumsum(torch.flip(group_sum, [0]), 0), [0])[1:], zero])
-    group_size = torch.bincount(group_of_row, minlength=len(groups))
-    count = len(positives) - group_size[group_of_row]
+    group_size = torch.zeros_like(positives).index_add_(0, group_of_row, torch.ones_like(positives))
+    count = batch - group_size[group_of_row]
     others = (before + after)[group_of_row]
     tiny = torch.finfo(log_q.dtype).tiny
     log_mean = others.clamp_min(tiny).log() - count.clamp_min(1).to(log_q.dtype).log()[:, None, None]

@@ -32,3 +32,13 @@ def test_loss_under_autocast_matches_reference(backend):
         assert rel_err(loss, ref) < 1e-4
         loss.backward()
         assert project.weight.grad is not None and torch.isfinite(project.weight.grad).all()
+
+
+def test_pairwise_kl_under_autocast_stays_float32():
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(6, 2, 9, generator=g).to(DEVICE)
+    q = torch.randn(5, 2, 9, generator=g).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = sk.pairwise_kl(p, q, backend="torch")
+    assert out.dtype == torch.float32
+    assert rel_err(out, reference.pairwise_kl(p.cpu(), q.cpu())) < 1e-5
