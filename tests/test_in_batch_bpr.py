@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import soda_kernels as sk
 from soda_kernels import in_batch_bpr
 
-from .utils import DEVICE, TOLERANCE, compare_with_reference, make_bpr_inputs
+from .utils import DEVICE, compare_as_accurately_as_float32, compare_with_reference, make_bpr_inputs
 
 MODES = ["items", "users", "both", "mean"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -136,14 +136,9 @@ def test_saves_nothing_as_large_as_the_distributions(mode, user_logits):
 )
 def test_random_shapes_match_reference(batch, num_items, layers, codes, dim, mode, symmetric, reduction,
                                        user_logits, seed, temperature):
-    """Within 1e-4, or within a few times float32 PyTorch's own error: tiny shapes (L = 1, K = 2) can
-    make an item gradient the small difference of O(1) terms, where float32 itself reaches ~1e-3."""
-    options = dict(in_batch=mode, symmetric=symmetric, reduction=reduction, user_logits=user_logits,
-                   temperature=temperature)
-
     def inputs():
         return make_bpr_inputs(batch, num_items, layers, codes, dim, user_logits=user_logits,
                                generator=torch.Generator().manual_seed(seed))
 
-    torch_error = max(compare_with_reference(inputs(), "torch", tolerance=1.0, **options).values())
-    compare_with_reference(inputs(), "triton", tolerance=max(TOLERANCE[torch.float32], 4 * torch_error), **options)
+    compare_as_accurately_as_float32(inputs, "triton", in_batch=mode, symmetric=symmetric, reduction=reduction,
+                                     user_logits=user_logits, temperature=temperature)

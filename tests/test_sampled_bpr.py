@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 import soda_kernels as sk
 from soda_kernels import reference
-from tests.utils import DEVICE, TOLERANCE, compare_with_reference, make_bpr_inputs, rel_err
+from tests.utils import (
+    DEVICE,
+    TOLERANCE,
+    compare_as_accurately_as_float32,
+    compare_with_reference,
+    make_bpr_inputs,
+    rel_err,
+)
 
 OPTIONS = [
     dict(),
@@ -50,9 +57,10 @@ def test_tiles_over_codes_and_dims(symmetric):
 )
 def test_property_matches_reference(batch, num_items, layers, codes, dim, samples, user_logits,
                                     symmetric, reduction, seed):
-    data = inputs(batch, num_items, layers, codes, dim, samples, seed, user_logits=user_logits)
-    compare_with_reference(data, "triton", user_logits=user_logits, symmetric=symmetric,
-                           reduction=reduction)
+    compare_as_accurately_as_float32(
+        lambda: inputs(batch, num_items, layers, codes, dim, samples, seed, user_logits=user_logits),
+        "triton", user_logits=user_logits, symmetric=symmetric, reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
