@@ -3,5 +3,7 @@
 Run ``python -m soda --help``. The pieces, top to bottom: ``soda.data`` (datasets and the
 leave-one-out split), ``soda.embeddings`` (offline sentence encoder), ``soda.tokenizer``
 (RQ-VAE semantic IDs), ``soda.recommender`` (TIGER with trie-constrained beam search),
-``soda.baselines`` (MostPop, SASRec), ``soda.metrics``, ``soda.train`` (loop and recipes).
+``soda.alignment`` (joint tokenizer + recommender training, SODA's term), ``soda.letter`` and
+``soda.etegrec`` (the other backbones), ``soda.baselines`` (MostPop, SASRec), ``soda.metrics``,
+``soda.train`` (loop and recipes).
 """

@@ -1,11 +1,14 @@
-"""Command line: ``python -m soda {train,baselines,main}``.
+"""Command line: ``python -m soda {train,baselines,main,experiment,ablate}``.
 
-python -m soda train --dataset ml-100k --backbone tiger [--preset tiger|cpu] [--epochs N]
+python -m soda train --dataset ml-100k --backbone tiger|letter|etegrec [--preset tiger|cpu] [--epochs N]
                      [--seed S] [--device cpu|cuda] [--out DIR] [--resume]
                      [--soda [--soda-weight W] [--soda-temperature T] [--soda-in-batch MODE]
                       [--soda-symmetric] [--soda-backend auto|triton|torch]]
 python -m soda baselines --dataset ml-100k [--out DIR]
 python -m soda main        # the README's main job: TIGER, MostPop, SASRec on ml-100k, one table
+python -m soda experiment --dataset ml-100k --seeds 3 [--backbones ...] [--results results]
+python -m soda ablate --dataset ml-100k --seeds 1
+torchrun --nproc_per_node N -m soda train ...   # data-parallel on N GPUs (soda/distributed.py)
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from pathlib import Path
 
 import torch
 
+from soda import distributed
 from soda.alignment import SODAConfig
 from soda.data import KNOWN_DATASETS
-from soda.train import PRESETS, RunConfig, train_baselines, train_tiger
+from soda.experiment import ablation_runs, experiment_runs, run_all
+from soda.train import BACKBONES, PRESETS, RunConfig, train_baselines, train_generative
 
-BACKBONES = ("tiger",)
 COLUMNS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: commands train, baselines and main."""
     parser = argparse.ArgumentParser(prog="python -m soda", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a generative recommender")
@@ -40,10 +45,18 @@ def main() -> None:
     train.add_argument("--soda-backend", default=soda_defaults.backend, choices=("auto", "triton", "torch"))
     baselines = commands.add_parser("baselines", help="MostPop and SASRec")
     main_job = commands.add_parser("main", help="TIGER vs MostPop vs SASRec on ml-100k, on CPU")
+    experiment = commands.add_parser("experiment", help="{TIGER, LETTER, ETEGRec} x {base, +SODA} and baselines")
+    experiment.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    ablate = commands.add_parser("ablate", help="TIGER+SODA, one open choice changed at a time")
+    for command in (experiment, ablate):
+        command.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1")
+        command.add_argument("--results", type=Path, default=Path("results"), help="records and tables")
     for command, preset, out in (
         (train, "tiger", "runs/tiger"),
         (baselines, "tiger", "runs/baselines"),
         (main_job, "cpu", "runs/main"),
+        (experiment, "cpu", "runs/experiment"),
+        (ablate, "cpu", "runs/ablate"),
     ):
         command.add_argument(
             "--dataset",
@@ -58,28 +71,41 @@ def main() -> None:
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         command.add_argument("--out", type=Path, default=Path(out))
         command.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> None:
+    args = build_parser().parse_args()
     config = configure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     common = dict(
         config=config,
-        device=torch.device(args.device),
+        device=distributed.setup(args.device),  # under torchrun: join the group, cuda -> cuda:LOCAL_RANK
         seed=args.seed,
         resume=args.resume,
         data_dir=args.data_dir,
     )
     start = time.perf_counter()
+    if args.command in ("experiment", "ablate"):
+        runs = experiment_runs(tuple(args.backbones)) if args.command == "experiment" else ablation_runs()
+        table_name = args.dataset + ("" if args.command == "experiment" else "-ablation")
+        label = args.preset + ("" if args.epochs is None else f"-epochs{args.epochs}")  # records of one config
+        run_all(runs, table_name, args.dataset, label, config, args.seeds, args.out, args.results,
+                common["device"], args.data_dir)  # every run resumes; --seed and --resume do not apply
+        if distributed.is_main():
+            print((args.results / f"{table_name}.md").read_text())
+        return
     if args.command == "train":
-        results = {args.backbone: train_tiger(args.dataset, out_dir=args.out, **common)}
+        results = {args.backbone: train_generative(args.backbone, args.dataset, out_dir=args.out, **common)}
     elif args.command == "baselines":
         results = train_baselines(args.dataset, out_dir=args.out, **common)
     else:
-        results = {"tiger": train_tiger(args.dataset, out_dir=args.out / "tiger", **common)}
+        results = {"tiger": train_generative("tiger", args.dataset, out_dir=args.out / "tiger", **common)}
         results.update(train_baselines(args.dataset, out_dir=args.out, **common))
     minutes = (time.perf_counter() - start) / 60
-    print(table(results, f"{args.dataset}, test split, seed {args.seed}, {minutes:.1f} min"))
+    if distributed.is_main():
+        print(table(results, f"{args.dataset}, test split, seed {args.seed}, {minutes:.1f} min"))
 
 
 def configure(args: argparse.Namespace) -> RunConfig:

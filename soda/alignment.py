@@ -1,7 +1,24 @@
-"""SODA: distributional alignment between the recommender's users and the tokenizer's items.
+"""Joint tokenizer + recommender training with alignment terms, and SODA's term.
 
-Semantic-Oriented Distributional Alignment (arXiv 2603.00700, RecSys 2026), as a switch
-on a backbone (here TIGER). The user latent is the mean-pooled encoder states through an
+``JointModel`` trains a TIGER recommender and its RQ-VAE tokenizer together, alternating by
+epoch (``Schedule.phase``):
+
+    warm-up     recommender only, no alignment
+    cycles      one tokenizer epoch  (recommender frozen; RQ-VAE loss + Σ weight·alignment),
+                then recommender epochs (tokenizer frozen; code cross-entropy + Σ weight·alignment)
+    final       recommender epochs with the tokenizer frozen (+ Σ weight·alignment)
+
+After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt. The
+alignment terms (each a module with a ``weight``) see one ``JointBatch``: the encoder states,
+the distinct target items and the tokenizer's quantisation of them. The backbones:
+
+    TIGER + SODA     [SODA]                       on SODAConfig's schedule   (``SODA``)
+    LETTER + SODA    the same, the tokenizer with LETTER's losses            (``SODA``)
+    ETEGRec          [SIA, PSA]                   on ETEGRec's schedule      (``soda.etegrec``)
+    ETEGRec + SODA   [SIA, PSA, SODA]             on ETEGRec's schedule
+
+SODA, Semantic-Oriented Distributional Alignment (arXiv 2603.00700, RecSys 2026), as a switch
+on a backbone. The user latent is the mean-pooled encoder states through an
 MLP into one d-vector per layer, residual-quantised through the tokenizer's codebooks
 (``RQVAE.layer_residuals``); the target items' residuals come from the tokenizer and are
 differentiable in its encoder and codebooks. Both go through the same codebooks into
@@ -10,14 +27,7 @@ per-layer code distributions, and
     alignment = soda_kernels.distributional_bpr(user_residuals, item_residuals, codebooks, positives)
 
 (negative KL as the BPR score, in-batch negatives) is added with weight λ to whichever
-side is training. Training alternates by epoch (``SODAConfig.phase``):
-
-    warm-up     recommender only, no alignment
-    cycles      one tokenizer epoch  (recommender frozen; RQ-VAE loss + λ·alignment),
-                then recommender epochs (tokenizer frozen; code cross-entropy + λ·alignment)
-    final       recommender epochs with the tokenizer frozen (+ λ·alignment)
-
-After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt.
+side is training.
 """
 
 from __future__ import annotations
@@ -26,26 +36,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import soda_kernels as sk
 from soda.recommender import TIGER, mean_pool
-from soda.tokenizer import RQVAE, mlp
+from soda.tokenizer import RQVAE, Quantized, TokenizerConfig, mlp
 
 TOKENIZER, RECOMMENDER = "tokenizer", "recommender"
 
 
 @dataclass
-class SODAConfig:
-    """The SODA switch. The paper fixes the loss (BPR on negative KL between code distributions)
-    and the alternation; λ, the temperature, the in-batch mode, the KL direction and the schedule
-    are its open choices, offered here (see soda_kernels.distributional_bpr)."""
+class Schedule:
+    """The alternation of a joint run, by epoch."""
 
-    weight: float = 0.1  # λ
-    temperature: float = 1.0
-    in_batch: str = "items"  # items | users | both | mean
-    symmetric: bool = False
-    backend: str = "auto"  # soda_kernels backend: auto | triton | torch
-    user_hidden: int = 256  # the user MLP: d_model -> user_hidden -> L·d
     warmup_epochs: int = 1  # recommender only, no alignment
     cycle_length: int = 2  # one tokenizer epoch, then cycle_length - 1 recommender epochs
     final_frozen_epochs: int = 1  # recommender with the tokenizer frozen, at the end
@@ -59,18 +62,58 @@ class SODAConfig:
         return (TOKENIZER if (epoch - self.warmup_epochs) % self.cycle_length == 0 else RECOMMENDER), True
 
 
-class SODA(nn.Module):
-    """TIGER + its RQ-VAE trained together with the alignment loss; a recommender for ``fit``.
+@dataclass
+class SODAConfig(Schedule):
+    """The SODA switch. The paper fixes the loss (BPR on negative KL between code distributions)
+    and the alternation; λ, the temperature, the in-batch mode, the KL direction and the schedule
+    are its open choices, offered here (see soda_kernels.distributional_bpr). The schedule applies
+    on TIGER and LETTER; on ETEGRec, SODA follows ETEGRec's own schedule."""
 
-    item_embeddings (N, D): the semantic embeddings of items 1..N (the tokenizer's input).
+    weight: float = 0.1  # λ
+    temperature: float = 1.0
+    in_batch: str = "items"  # items | users | both | mean
+    symmetric: bool = False
+    backend: str = "auto"  # soda_kernels backend: auto | triton | torch
+    user_hidden: int = 256  # the user MLP: d_model -> user_hidden -> L·d
+
+
+@dataclass
+class JointBatch:
+    """What the alignment terms of one step share.
+
+    states (B, T, d_model), mask (B, T): the recommender's encoder over the histories;
+    items (U,): the distinct target items; positives (B,): each row's target as an index into items;
+    quantized: the tokenizer's residual quantisation of the items' latents (U rows), differentiable
+    in the tokenizer during its epochs.
     """
 
-    def __init__(self, recommender: TIGER, tokenizer: RQVAE, item_embeddings: torch.Tensor, config: SODAConfig):
+    states: torch.Tensor
+    mask: torch.Tensor
+    items: torch.Tensor
+    positives: torch.Tensor
+    quantized: Quantized
+
+
+class JointModel(nn.Module):
+    """TIGER and its RQ-VAE trained together, alternating by ``schedule``; a recommender for ``fit``.
+
+    item_embeddings (N, D): the semantic embeddings of items 1..N (the tokenizer's input);
+    alignments: modules with a ``weight`` and ``forward(model, batch: JointBatch) -> scalar``,
+    whose own parameters (heads over the encoder states) train with the recommender.
+    """
+
+    def __init__(
+        self,
+        recommender: TIGER,
+        tokenizer: RQVAE,
+        item_embeddings: torch.Tensor,
+        schedule: Schedule,
+        alignments: list[nn.Module],
+    ):
         super().__init__()
-        self.config = config
+        self.schedule = schedule
         self.recommender, self.tokenizer = recommender, tokenizer
-        self.layers, self.latent_dim = tokenizer.config.num_layers, tokenizer.config.latent_dim
-        self.user_head = mlp([recommender.config.d_model, config.user_hidden, self.layers * self.latent_dim])
+        self.alignments = nn.ModuleList(alignments)
         self.register_buffer("item_embeddings", item_embeddings, persistent=False)
         self.phase, self.align = RECOMMENDER, False
         self.codes_stale = False  # the tokenizer changed since the recommender's codes were derived
@@ -79,9 +122,9 @@ class SODA(nn.Module):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Set the phase of this epoch and freeze the side that does not train."""
         self.refresh_codes()
-        self.phase, self.align = self.config.phase(epoch, epochs)
+        self.phase, self.align = self.schedule.phase(epoch, epochs)
         self.tokenizer.requires_grad_(self.phase == TOKENIZER)
-        for side in (self.recommender, self.user_head):
+        for side in (self.recommender, self.alignments):
             side.requires_grad_(self.phase == RECOMMENDER)
 
     @torch.no_grad()
@@ -91,38 +134,80 @@ class SODA(nn.Module):
             self.recommender.set_semantic_ids(self.tokenizer.semantic_ids(self.item_embeddings))
             self.codes_stale = False
 
-    def user_residuals(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder states (B, T, d_model) and mask (B, T) -> per-layer user residuals (B, L, d)."""
-        latents = self.user_head(mean_pool(states, mask)).unflatten(-1, (self.layers, self.latent_dim))
-        return self.tokenizer.layer_residuals(latents)
-
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training side's loss (+ λ·alignment): histories (B, T), targets (B,) -> scalar."""
+        """The training side's loss (+ Σ weight·alignment): histories (B, T), targets (B,) -> scalar."""
         states, mask = self.recommender.encode(histories)
         items, positives = targets.unique(return_inverse=True)  # a repeated target is one item
+        rows = items - 1
         if self.phase == TOKENIZER:
-            loss, quantized = self.tokenizer(self.item_embeddings[items - 1])
+            loss, quantized = self.tokenizer(self.item_embeddings[rows], rows)
             self.codes_stale = True
         else:
             loss = self.recommender.decoder_loss(states, mask, targets)
             if not self.align:
                 return loss
             with torch.no_grad():
-                quantized = self.tokenizer.quantize(self.tokenizer.encoder(self.item_embeddings[items - 1]))
-        alignment = sk.distributional_bpr(
-            self.user_residuals(states, mask),
-            quantized.residuals,
-            self.tokenizer.codebooks,
-            positives,
-            in_batch=self.config.in_batch,
-            symmetric=self.config.symmetric,
-            temperature=self.config.temperature,
-            backend=self.config.backend,
-        )
-        return loss + self.config.weight * alignment
+                quantized = self.tokenizer.quantize(self.tokenizer.encoder(self.item_embeddings[rows]))
+        batch = JointBatch(states, mask, items, positives, quantized)
+        return loss + sum(term.weight * term(self, batch) for term in self.alignments)
 
     @torch.no_grad()
     def recommend(self, histories: torch.Tensor, k: int) -> torch.Tensor:
         """TIGER's constrained beam search over the current codes: (B, T) -> (B, k)."""
         self.refresh_codes()
         return self.recommender.recommend(histories, k)
+
+
+class SODAAlignment(nn.Module):
+    """SODA's term: distributional BPR between the user latent's and the target items' code distributions."""
+
+    def __init__(self, d_model: int, tokenizer_config: TokenizerConfig, config: SODAConfig):
+        super().__init__()
+        self.config, self.weight = config, config.weight
+        self.layers, self.latent_dim = tokenizer_config.num_layers, tokenizer_config.latent_dim
+        self.user_head = mlp([d_model, config.user_hidden, self.layers * self.latent_dim])
+
+    def user_residuals(self, tokenizer: RQVAE, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder states (B, T, d_model) and mask (B, T) -> per-layer user residuals (B, L, d)."""
+        latents = self.user_head(mean_pool(states, mask)).unflatten(-1, (self.layers, self.latent_dim))
+        return tokenizer.layer_residuals(latents)
+
+    def forward(self, model: JointModel, batch: JointBatch) -> torch.Tensor:
+        # data-parallel: every rank aligns the global batch (on one process, the batch as it is)
+        user_residuals, item_residuals, positives = sk.gather_in_batch(
+            self.user_residuals(model.tokenizer, batch.states, batch.mask),
+            batch.quantized.residuals,
+            batch.positives,
+            item_ids=batch.items,
+        )
+        return sk.distributional_bpr(
+            user_residuals,
+            item_residuals,
+            model.tokenizer.codebooks,
+            positives,
+            in_batch=self.config.in_batch,
+            symmetric=self.config.symmetric,
+            temperature=self.config.temperature,
+            backend=self.config.backend,
+        )
+
+
+class SODA(JointModel):
+    """TIGER + SODA on SODAConfig's schedule (LETTER + SODA: a tokenizer with LETTER's losses)."""
+
+    def __init__(self, recommender: TIGER, tokenizer: RQVAE, item_embeddings: torch.Tensor, config: SODAConfig):
+        alignment = SODAAlignment(recommender.config.d_model, tokenizer.config, config)
+        super().__init__(recommender, tokenizer, item_embeddings, config, [alignment])
+
+
+def info_nce(scores: torch.Tensor, same_item: torch.Tensor | None = None) -> torch.Tensor:
+    """In-batch InfoNCE with the positives on the diagonal: scores (B, B) -> scalar,
+
+        mean_b −log( exp(scores[b, b]) / Σ_m exp(scores[b, m]) )
+
+    the sum over m leaving out the columns m ≠ b where same_item (B, B) is True (another row
+    of the same item is no negative)."""
+    diagonal = torch.arange(len(scores), device=scores.device)
+    if same_item is not None:
+        scores = scores.masked_fill(same_item & (diagonal[:, None] != diagonal), float("-inf"))
+    return F.cross_entropy(scores, diagonal)

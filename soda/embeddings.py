@@ -30,7 +30,7 @@ def item_embeddings(dataset_name: str, item_texts: list[str], batch_size: int = 
         return torch.load(path)
     embeddings = encode_texts(item_texts, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # data-parallel ranks embed at once
     torch.save(embeddings, temporary)
     temporary.replace(path)
     return embeddings

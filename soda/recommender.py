@@ -245,6 +245,11 @@ class TIGER(nn.Module):
             x = block(x, self_bias, states, memory_bias)
         return self.dropout(self.decoder_norm(x))
 
+    def first_decoder_state(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's state at BOS (what predicts the first code) -> (B, d_model)."""
+        bos = torch.full((states.shape[0], 1), BOS, dtype=torch.long, device=states.device)
+        return self.decode(states, mask, bos)[:, 0]
+
     def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """Logits over level ``level``'s codes: hidden (..., d_model) -> (..., level_sizes[level])."""
         start = self.level_starts[level]

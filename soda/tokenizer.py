@@ -12,6 +12,9 @@ Loss (van den Oord et al. 2017, per layer):
 
     ||x - x̂||² + Σ_l ( ||sg(r_l) - C[l,c_l]||² + β ||r_l - sg(C[l,c_l])||² )
 
+A ``regularizer`` (LETTER's collaborative and diversity losses, ``soda.letter``) adds its
+terms to that loss; it sees the quantisation, the items' rows and the codebooks.
+
 Items that share all L codes get one extra code, their rank among the colliding
 items, which makes every semantic ID unique (TIGER §3.1).
 
@@ -65,6 +68,11 @@ class Quantized:
     codewords: torch.Tensor
     last_residual: torch.Tensor
 
+    @property
+    def straight_through(self) -> torch.Tensor:
+        """The quantised latent Σ_l C[l, c_l] (N, d) with the latent's gradient (straight-through)."""
+        return self.latent + (self.codewords.sum(dim=1) - self.latent).detach()
+
 
 def mlp(dims: list[int]) -> nn.Sequential:
     """Linear layers with ReLU between them (none after the last)."""
@@ -77,15 +85,20 @@ def mlp(dims: list[int]) -> nn.Sequential:
 
 
 class RQVAE(nn.Module):
-    """Residual-quantised autoencoder over item embeddings of size ``input_dim``."""
+    """Residual-quantised autoencoder over item embeddings of size ``input_dim``.
 
-    def __init__(self, input_dim: int, config: TokenizerConfig):
+    regularizer: None, or a module ``(quantized, rows, codebooks) -> scalar`` added to the loss
+    (trained, frozen and saved with the tokenizer).
+    """
+
+    def __init__(self, input_dim: int, config: TokenizerConfig, regularizer: nn.Module | None = None):
         super().__init__()
         self.config = config
         dims = [input_dim, *config.hidden_dims, config.latent_dim]
         self.encoder = mlp(dims)
         self.decoder = mlp(dims[::-1])
         self.codebooks = nn.Parameter(torch.randn(config.num_layers, config.codebook_size, config.latent_dim) * 0.1)
+        self.regularizer = regularizer
 
     def quantize(self, latent: torch.Tensor) -> Quantized:
         """Residual quantisation of latent (N, d), nearest codeword per layer."""
@@ -119,22 +132,32 @@ class RQVAE(nn.Module):
             chosen = chosen + codebook[nearest_code(residual, codebook)].detach()
         return torch.stack(residuals, dim=1)
 
-    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
-        """Embeddings (N, D) -> (loss, quantisation); loss = reconstruction + quantisation."""
+    def forward(self, embeddings: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Quantized]:
+        """Embeddings (N, D) -> (loss, quantisation); loss = reconstruction + quantisation
+        (+ the regularizer's terms, which need rows (N,): the items' rows in the full item table)."""
         quantized = self.quantize(self.encoder(embeddings))
-        latent, residuals, codewords = quantized.latent, quantized.residuals, quantized.codewords
-        straight_through = latent + (codewords.sum(dim=1) - latent).detach()
-        reconstruction = self.decoder(straight_through)
-        reconstruction_loss = F.mse_loss(reconstruction, embeddings, reduction="none").sum(-1).mean()
+        residuals, codewords = quantized.residuals, quantized.codewords
+        reconstruction_loss = F.mse_loss(self.reconstruct(quantized), embeddings, reduction="none").sum(-1).mean()
         codebook_loss = ((residuals.detach() - codewords) ** 2).sum(-1).mean(0).sum()
         commitment_loss = ((residuals - codewords.detach()) ** 2).sum(-1).mean(0).sum()
         loss = reconstruction_loss + codebook_loss + self.config.commitment * commitment_loss
+        if self.regularizer is not None:
+            if rows is None:
+                raise ValueError("this tokenizer has a regularizer: pass the items' rows")
+            loss = loss + self.regularizer(quantized, rows, self.codebooks)
         return loss, quantized
 
-    def code_log_probs(self, residuals: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """Soft code distributions: residuals (N, L, d) -> log p (N, L, K) over each layer's codewords."""
+    def reconstruct(self, quantized: Quantized) -> torch.Tensor:
+        """The decoder's reconstruction (N, D) of the quantised latents (straight-through)."""
+        return self.decoder(quantized.straight_through)
+
+    def code_log_probs(
+        self, residuals: torch.Tensor, temperature: float | None = None, backend: str = "auto"
+    ) -> torch.Tensor:
+        """Soft code distributions: residuals (N, L, d) -> log p (N, L, K) over each layer's codewords,
+        p_k = softmax_k(−‖r_l − C[l,k]‖² / τ): the nearer codeword has the higher probability."""
         tau = self.config.temperature if temperature is None else temperature
-        return sk.codebook_log_softmax(residuals, self.codebooks, temperature=tau)
+        return sk.codebook_log_softmax(residuals, self.codebooks, temperature=tau, backend=backend)
 
     @torch.no_grad()
     def kmeans_init(self, embeddings: torch.Tensor) -> None:
@@ -161,7 +184,7 @@ def kmeans(points: torch.Tensor, k: int, iterations: int) -> torch.Tensor:
     start = torch.randperm(len(points))[:k]
     if len(start) < k:  # fewer points than clusters: reuse points, slightly jittered
         start = torch.randint(len(points), (k,))
-    centroids = points[start] + 1e-3 * torch.randn(k, points.shape[1])
+    centroids = points[start] + 1e-3 * torch.randn(k, points.shape[1], device=points.device)
     for _ in range(iterations):
         assignment = torch.cdist(points, centroids).argmin(dim=-1)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
@@ -202,7 +225,7 @@ def train_tokenizer(model: RQVAE, embeddings: torch.Tensor, progress: bool = Tru
     for _ in bar:
         epoch_loss = 0.0
         for batch in torch.randperm(len(embeddings)).split(config.batch_size):
-            loss, _ = model(embeddings[batch])
+            loss, _ = model(embeddings[batch], batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

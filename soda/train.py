@@ -2,8 +2,8 @@
 
 A recommender here is an ``nn.Module`` with ``loss(histories, targets) -> scalar`` and
 ``recommend(histories, k) -> (B, k)`` item ids (TIGER, SASRec; MostPop only recommends),
-and optionally ``start_epoch(epoch, epochs)``, called before each training epoch (SODA's
-alternating schedule).
+and optionally ``start_epoch(epoch, epochs)``, called before each training epoch (the
+alternating schedule of the joint models, ``soda.alignment.JointModel``).
 ``fit`` trains it with AdamW (linear warm-up, cosine decay), evaluates on validation,
 keeps the best checkpoint by validation Recall@10 (written atomically), can resume a
 stopped run from ``last.pt``, and writes ``metrics.json`` and ``curves.png``.
@@ -21,15 +21,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from soda import distributed
 from soda.alignment import SODA, SODAConfig
 from soda.baselines import MostPop, SASRec, SASRecConfig
 from soda.data import Examples, Split, k_core, leave_one_out, load_dataset
 from soda.embeddings import item_embeddings
+from soda.etegrec import ETEGRec, ETEGRecConfig
+from soda.letter import LETTERConfig, LETTERLosses
 from soda.metrics import KS, ranking_metrics
 from soda.recommender import TIGER, RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig, codebook_stats, train_tokenizer
 
 SELECTION_METRIC = "recall@10"
+BACKBONES = ("tiger", "letter", "etegrec")
 
 
 @dataclass
@@ -56,6 +60,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     sasrec_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=50))
+    letter: LETTERConfig = field(default_factory=LETTERConfig)  # used by --backbone letter
+    etegrec: ETEGRecConfig = field(default_factory=ETEGRecConfig)  # used by --backbone etegrec
     max_history: int = 20
     min_interactions: int = 0  # k-core filtering when > 0
     soda: SODAConfig | None = None  # the SODA switch (off: the plain backbone)
@@ -78,6 +84,7 @@ PRESETS = {
         ),
         train=TrainConfig(epochs=4, batch_size=256, lr=3e-3, warmup_steps=200, eval_every=2),
         sasrec_train=TrainConfig(epochs=6, lr=3e-3, warmup_steps=200, eval_every=2),
+        etegrec=ETEGRecConfig(warmup_epochs=1, final_frozen_epochs=1),
     ),
 }
 
@@ -95,10 +102,12 @@ def fit(
     """Train on split.train, select by validation Recall@10, return and write the metrics.
 
     Writes ``out_dir/{best.pt, last.pt, metrics.json, curves.png}``; with ``resume`` it
-    continues from ``last.pt`` where one exists.
+    continues from ``last.pt`` where one exists. Under torchrun it trains data-parallel, each
+    global batch split across the ranks, rank 0 evaluating and writing (soda/distributed.py).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    distributed.broadcast_module(model)  # every rank starts from rank 0's model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -120,22 +129,27 @@ def fit(
         if hasattr(model, "start_epoch"):
             model.start_epoch(epoch, config.epochs)
         order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        # global batches; data-parallel, each is split across the ranks (so it needs a row per rank)
+        batches = [batch for batch in order.split(config.batch_size) if len(batch) >= distributed.world_size()]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not distributed.is_main())
         epoch_loss = 0.0
         for step, batch in enumerate(bar, start=epoch * steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total_steps, config)
-            loss = model.loss(split.train.histories[batch].to(device), split.train.targets[batch].to(device))
+            local = distributed.shard(batch)  # the whole batch on one process
+            loss = model.loss(split.train.histories[local].to(device), split.train.targets[local].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (len(local) / len(batch))).backward()  # this rank's share of the batch's mean
+            distributed.sum_gradients(model.parameters())
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            epoch_loss += loss.item() * len(batch)
+            epoch_loss += loss.item() * len(local)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        state["train_loss"].append(epoch_loss / len(split.train))
+        state["train_loss"].append(distributed.sum_over_ranks(epoch_loss) / len(split.train))
         state["epoch"] = epoch + 1
         message = f"epoch {epoch + 1}: train loss {state['train_loss'][-1]:.4f}"
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        evaluating = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if evaluating and distributed.is_main():
             valid = evaluate(model, split.valid, config.eval_batch_size, device)
             state["valid"].append({"epoch": epoch + 1, **valid})
             message += " | valid " + format_metrics(valid)
@@ -146,17 +160,21 @@ def fit(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
             out_dir / "last.pt",
         )
-        print(message, flush=True)
+        if distributed.is_main():
+            print(message, flush=True)
+        distributed.barrier()  # the others wait for rank 0's evaluation and checkpoints
 
     model.load_state_dict(torch.load(out_dir / "best.pt", map_location=device)["model"])
-    result = {
-        "valid": evaluate(model, split.valid, config.eval_batch_size, device),
-        "test": evaluate(model, split.test, config.eval_batch_size, device),
-        "best_epoch": state["best"]["epoch"],
-    }
-    write_metrics(out_dir, result)
-    plot_curves(out_dir / "curves.png", state, extra_curves or {})
-    return result
+    result = None
+    if distributed.is_main():
+        result = {
+            "valid": evaluate(model, split.valid, config.eval_batch_size, device),
+            "test": evaluate(model, split.test, config.eval_batch_size, device),
+            "best_epoch": state["best"]["epoch"],
+        }
+        write_metrics(out_dir, result)
+        plot_curves(out_dir / "curves.png", state, extra_curves or {})
+    return distributed.from_main(result)
 
 
 def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -183,13 +201,18 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename over ``path``."""
+    """torch.save to a temporary file, then rename over ``path``. Data-parallel, rank 0 alone writes."""
+    if not distributed.is_main():
+        return
     temporary = path.with_name(path.name + ".tmp")
     torch.save(obj, temporary)
     os.replace(temporary, path)
 
 
 def write_metrics(out_dir: Path, result: dict) -> None:
+    """``result`` as out_dir/metrics.json (atomically). Data-parallel, rank 0 alone writes."""
+    if not distributed.is_main():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     temporary = out_dir / "metrics.json.tmp"
     temporary.write_text(json.dumps(result, indent=2) + "\n")
@@ -233,7 +256,8 @@ def prepare_split(dataset_name: str, data_dir: str | None, config: RunConfig):
     return dataset, split
 
 
-def train_tiger(
+def train_generative(
+    backbone: str,
     dataset_name: str,
     config: RunConfig,
     out_dir: Path,
@@ -242,41 +266,88 @@ def train_tiger(
     resume: bool = False,
     data_dir: str | None = None,
 ) -> dict:
-    """Item embeddings -> RQ-VAE semantic IDs -> TIGER (+ SODA with ``config.soda``); returns the
-    validation/test metrics."""
+    """One generative recommender end to end; returns (and writes to out_dir/metrics.json) its
+    validation/test metrics and its tokenizer's code statistics.
+
+        tiger     item embeddings -> RQ-VAE semantic IDs -> TIGER
+        letter    a SASRec first (its item embeddings are the CF embeddings), then the RQ-VAE
+                  with LETTER's losses (config.letter) -> TIGER
+        etegrec   RQ-VAE -> ETEGRec: tokenizer and TIGER alternating with SIA and PSA (config.etegrec)
+
+    With ``config.soda`` SODA's term joins: on TIGER and LETTER as joint training on SODAConfig's
+    schedule (LETTER's tokenizer epochs keep its losses), on ETEGRec next to SIA and PSA. With
+    ``resume`` the tokenizer, the CF embeddings and the recommender continue from out_dir.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     torch.manual_seed(seed)
     dataset, split = prepare_split(dataset_name, data_dir, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = out_dir / "tokenizer.pt"
     embeddings = item_embeddings(dataset.name, dataset.item_texts)
-    tokenizer = RQVAE(embeddings.shape[1], config.tokenizer)
-    if resume and tokenizer_path.exists():
-        saved = torch.load(tokenizer_path)
-        tokenizer.load_state_dict(saved["model"])
-    else:
-        losses = train_tokenizer(tokenizer, embeddings)
-        semantic_ids = tokenizer.semantic_ids(embeddings)
-        saved = {
-            "model": tokenizer.state_dict(),
-            "semantic_ids": semantic_ids,
-            "losses": losses,
-            "stats": codebook_stats(semantic_ids, config.tokenizer.codebook_size),
-        }
-        save_atomic(saved, tokenizer_path)
+    regularizer = None
+    if backbone == "letter":
+        cf_embeddings = collaborative_embeddings(dataset.num_items, split, config, out_dir, device, seed, resume)
+        regularizer = LETTERLosses(cf_embeddings, config.tokenizer.latent_dim, config.letter)
+    tokenizer = RQVAE(embeddings.shape[1], config.tokenizer, regularizer)
+    saved = pretrain_tokenizer(tokenizer, embeddings, out_dir / "tokenizer.pt", resume)
     print("rq-vae: " + ", ".join(f"{name} {value:.3g}" for name, value in saved["stats"].items()))
-    # SODA re-derives the codes during training: room for any number of colliding items
-    extra_codes = dataset.num_items if config.soda is not None else None
+    joint = backbone == "etegrec" or config.soda is not None
+    # joint training re-derives the codes: room for any number of colliding items
+    extra_codes = dataset.num_items if joint else None
     model = TIGER(saved["semantic_ids"], config.tokenizer.codebook_size, config.recommender, extra_codes)
-    if config.soda is not None:
+    if backbone == "etegrec":
+        model = ETEGRec(model, tokenizer, embeddings, config.etegrec, config.soda)
+    elif config.soda is not None:
         model = SODA(model, tokenizer, embeddings, config.soda)
-    print(f"tiger: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"{backbone}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     result = fit(model, split, config.train, out_dir, device, resume, seed, {"rq-vae loss": saved["losses"]})
     result["tokenizer"] = saved["stats"]
-    if config.soda is not None:  # the codes SODA's tokenizer ended with
+    if joint:  # the codes the tokenizer ended with
         final_ids = model.tokenizer.semantic_ids(model.item_embeddings)
         result["tokenizer_final"] = codebook_stats(final_ids, config.tokenizer.codebook_size)
     write_metrics(out_dir, result)
     return result
+
+
+def pretrain_tokenizer(tokenizer: RQVAE, embeddings: torch.Tensor, path: Path, resume: bool) -> dict:
+    """Train the RQ-VAE on the item embeddings (N, D) and save it to ``path``, or with ``resume``
+    load it from there: {"model": state, "semantic_ids": (N, L + 1), "losses", "stats"}."""
+    if resume and path.exists():
+        saved = torch.load(path)
+        tokenizer.load_state_dict(saved["model"])
+        return saved
+    losses = train_tokenizer(tokenizer, embeddings)
+    semantic_ids = tokenizer.semantic_ids(embeddings)
+    saved = {
+        "model": tokenizer.state_dict(),
+        "semantic_ids": semantic_ids,
+        "losses": losses,
+        "stats": codebook_stats(semantic_ids, tokenizer.config.codebook_size),
+    }
+    save_atomic(saved, path)
+    return saved
+
+
+def collaborative_embeddings(
+    num_items: int, split: Split, config: RunConfig, out_dir: Path, device: torch.device, seed: int, resume: bool
+) -> torch.Tensor:
+    """LETTER's CF embeddings: the item embeddings (N, hidden) of a SASRec trained on the split
+    (in out_dir/sasrec), kept in out_dir/collaborative.pt for ``resume``."""
+    path = out_dir / "collaborative.pt"
+    if resume and path.exists():
+        return torch.load(path)
+    sasrec, _ = train_sasrec(num_items, split, config, out_dir / "sasrec", device, resume, seed)
+    cf_embeddings = sasrec.item_embedding.weight[1:].detach().cpu()
+    save_atomic(cf_embeddings, path)
+    return cf_embeddings
+
+
+def train_sasrec(
+    num_items: int, split: Split, config: RunConfig, out_dir: Path, device: torch.device, resume: bool, seed: int
+) -> tuple[SASRec, dict]:
+    """SASRec (config.sasrec, config.sasrec_train) fitted on the split: the model at its best epoch, its metrics."""
+    sasrec = SASRec(num_items, replace(config.sasrec, max_history=config.max_history))
+    return sasrec, fit(sasrec, split, config.sasrec_train, out_dir, device, resume, seed)
 
 
 def train_baselines(
@@ -300,6 +371,5 @@ def train_baselines(
         }
     }
     write_metrics(out_dir / "mostpop", results["mostpop"])
-    sasrec = SASRec(dataset.num_items, replace(config.sasrec, max_history=config.max_history))
-    results["sasrec"] = fit(sasrec, split, config.sasrec_train, out_dir / "sasrec", device, resume, seed)
+    _, results["sasrec"] = train_sasrec(dataset.num_items, split, config, out_dir / "sasrec", device, resume, seed)
     return results

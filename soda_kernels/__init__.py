@@ -7,11 +7,13 @@ Public API (SPEC section 3)::
     sk.pairwise_kl(p_logits, q_logits, layer_weights=None)
     sk.distributional_bpr(user, items, codebooks, positives, negatives=None, ...)
     sk.DistributionalBPRLoss(**options)
+    sk.gather_in_batch(user, items, positives, item_ids=None, group=None)   # data-parallel in-batch
 """
 
 from .codebook_log_softmax import codebook_log_softmax
+from .distributed import gather_in_batch
 from .distributional_bpr import DistributionalBPRLoss, distributional_bpr
 from .pairwise_kl import pairwise_kl
 
-__all__ = ["codebook_log_softmax", "pairwise_kl", "distributional_bpr", "DistributionalBPRLoss"]
+__all__ = ["codebook_log_softmax", "pairwise_kl", "distributional_bpr", "DistributionalBPRLoss", "gather_in_batch"]
 __version__ = "0.1.0"

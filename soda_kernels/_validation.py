@@ -186,3 +186,24 @@ def check_distributional_bpr(
         if negatives is not None:
             check_index_range("negatives", negatives, -1, items.shape[0])
     return BPRArgs(weights, tau, tau_user, in_batch, reduction, backend)
+
+
+def check_gather_in_batch(user, items, positives, item_ids) -> None:
+    """The local (this rank's) arguments of ``gather_in_batch``; what must agree across ranks is
+    checked after the ranks exchange their shapes."""
+    check_float_tensor("user", user, 3, "B, L, d or K")
+    check_float_tensor("items", items, 3, "N, L, d")
+    if user.shape[1] != items.shape[1]:
+        raise ValueError(f"user has L={user.shape[1]} layers but items has L={items.shape[1]}")
+    check_index_tensor("positives", positives, 1, "B")
+    if positives.shape[0] != user.shape[0]:
+        raise ValueError(f"positives must have B={user.shape[0]} entries (one per user row), got {positives.shape[0]}")
+    tensors = dict(user=user, items=items, positives=positives)
+    if item_ids is not None:
+        check_index_tensor("item_ids", item_ids, 1, "N")
+        if item_ids.shape[0] != items.shape[0]:
+            raise ValueError(
+                f"item_ids must have N={items.shape[0]} entries (one per item row), got {item_ids.shape[0]}"
+            )
+        tensors["item_ids"] = item_ids
+    check_same_device(**tensors)

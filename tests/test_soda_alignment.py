@@ -1,18 +1,26 @@
-"""SODA on TIGER: the user-side quantisation, the schedule, the CLI switch, and a tiny run that trains."""
+"""Joint training and the recipe: SODA's user-side quantisation, the schedule, the CLI's backbones
+and switch, and tiny runs of every backbone x SODA through the recipe the CLI uses."""
 
 import argparse
 import json
 
+import pytest
 import torch
 
 import soda.train
-from soda.__main__ import configure
+from soda.__main__ import build_parser, configure
 from soda.alignment import RECOMMENDER, TOKENIZER, SODAConfig
+from soda.baselines import SASRecConfig
 from soda.data import SequentialDataset
+from soda.etegrec import ETEGRecConfig
+from soda.letter import LETTERConfig
 from soda.recommender import RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig
-from soda.train import RunConfig, TrainConfig, train_tiger
+from soda.train import PRESETS, RunConfig, TrainConfig, train_generative
+from tests.test_soda_parity import JOINT_VARIANTS, train_tiny_soda
 from tests.test_soda_train import NUM_ITEMS, cyclic_split
+
+TINY_SODA = SODAConfig(user_hidden=16, warmup_epochs=0, cycle_length=2, final_frozen_epochs=2, backend="torch")
 
 
 def test_layer_residuals_subtract_the_codewords_chosen_before():
@@ -59,31 +67,89 @@ def test_cli_switch_configures_soda():
     assert soda_config.symmetric and soda_config.backend == "torch"
 
 
-def test_tiny_soda_run_trains_through_train_tiger(tmp_path, monkeypatch):
+def test_cli_parses_every_backbone_with_and_without_soda():
+    parser = build_parser()
+    for backbone in ("tiger", "letter", "etegrec"):
+        args = parser.parse_args(["train", "--backbone", backbone, "--preset", "cpu"])
+        assert args.backbone == backbone and configure(args) == PRESETS["cpu"]
+        args = parser.parse_args(["train", "--backbone", backbone, "--soda", "--soda-weight", "0.3"])
+        config = configure(args)
+        assert args.backbone == backbone and config.soda == SODAConfig(weight=0.3)
+        assert (config.letter, config.etegrec) == (PRESETS["tiger"].letter, PRESETS["tiger"].etegrec)
+    assert PRESETS["tiger"].etegrec == ETEGRecConfig() and PRESETS["tiger"].letter == LETTERConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--backbone", "sasrec"])
+
+
+@pytest.fixture
+def tiny_recipe(monkeypatch):
+    """The recipe on the cyclic split with random 8-d item embeddings, and a tiny RunConfig."""
     split = cyclic_split()
     dataset = SequentialDataset("cycle", [], [""] * NUM_ITEMS)
     monkeypatch.setattr(soda.train, "prepare_split", lambda *args: (dataset, split))
     monkeypatch.setattr(soda.train, "item_embeddings", lambda *args: torch.randn(NUM_ITEMS, 8))
-    config = RunConfig(
+    return RunConfig(
         tokenizer=TokenizerConfig(num_layers=2, codebook_size=8, latent_dim=4, hidden_dims=(16,), epochs=20),
         recommender=RecommenderConfig(
             num_encoder_layers=1, num_decoder_layers=1, d_model=32, num_heads=2, head_dim=16, d_ff=64, dropout=0.0
         ),
         train=TrainConfig(epochs=6, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=3, eval_batch_size=64),
-        soda=SODAConfig(user_hidden=16, warmup_epochs=0, cycle_length=2, final_frozen_epochs=2, backend="torch"),
+        sasrec=SASRecConfig(hidden=16, dropout=0.0),
+        sasrec_train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=2),
+        letter=LETTERConfig(clusters=3, recluster_every=5),
+        etegrec=ETEGRecConfig(warmup_epochs=1, final_frozen_epochs=2, user_hidden=16, backend="torch"),
     )
-    result = train_tiger("cycle", config, tmp_path, torch.device("cpu"))
-    # epochs: tokenizer, recommender, tokenizer, recommender, then two with the tokenizer frozen
+
+
+# The recommender epochs of each run's six: SODA's schedule is T R T R R R (the last two frozen),
+# ETEGRec's R T R T R R (a warm-up epoch without alignment first).
+RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 4, 5], "plain": [0, 1, 2, 3, 4, 5]}
+
+
+@pytest.mark.parametrize(
+    "backbone, soda_config, schedule",
+    [
+        ("tiger", TINY_SODA, "soda"),
+        ("letter", None, "plain"),
+        ("letter", TINY_SODA, "soda"),
+        ("etegrec", None, "etegrec"),
+        ("etegrec", TINY_SODA, "etegrec"),
+    ],
+)
+def test_tiny_runs_train_through_the_recipe(tiny_recipe, tmp_path, backbone, soda_config, schedule):
+    config = soda.train.replace(tiny_recipe, soda=soda_config)
+    result = train_generative(backbone, "cycle", config, tmp_path, torch.device("cpu"))
     train_loss = torch.load(tmp_path / "last.pt")["state"]["train_loss"]
-    assert train_loss[5] < train_loss[3] < train_loss[1]
-    assert json.loads((tmp_path / "metrics.json").read_text())["tokenizer_final"] == result["tokenizer_final"]
+    recommender_losses = [train_loss[epoch] for epoch in RECOMMENDER_EPOCHS[schedule]]
+    assert recommender_losses[-1] < 0.8 * recommender_losses[0], train_loss
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["test"] == result["test"]
+    assert ("tokenizer_final" in written) == (schedule != "plain")
 
 
-def test_codes_are_rederived_after_a_tokenizer_epoch():
-    from tests.test_soda_parity import train_tiny_soda
+def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, tmp_path, monkeypatch):
+    config = soda.train.replace(tiny_recipe, train=soda.train.replace(tiny_recipe.train, epochs=1))
+    train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"))
+    cf_embeddings = torch.load(tmp_path / "collaborative.pt")
+    assert cf_embeddings.shape == (NUM_ITEMS, 16) and (tmp_path / "sasrec" / "best.pt").exists()
+    tokenizer = torch.load(tmp_path / "tokenizer.pt")["model"]
+    assert tokenizer["regularizer.projection.weight"].shape == (4, 16)  # SASRec's 16-d -> the 4-d latent
 
-    model = train_tiny_soda("torch", epochs=2)  # a tokenizer epoch, then a recommender epoch
+    def no_sasrec(*args):
+        raise AssertionError("--resume retrained SASRec")
+
+    monkeypatch.setattr(soda.train, "train_sasrec", no_sasrec)
+    config = soda.train.replace(config, train=soda.train.replace(config.train, epochs=2))
+    train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"), resume=True)
+    assert len(torch.load(tmp_path / "last.pt")["state"]["train_loss"]) == 2
+
+
+@pytest.mark.parametrize("variant", JOINT_VARIANTS)
+def test_codes_are_rederived_after_a_tokenizer_epoch(variant):
+    initial = train_tiny_soda("torch", epochs=0, variant=variant).recommender.item_tokens.clone()
+    model = train_tiny_soda("torch", epochs=2, variant=variant)  # a tokenizer epoch, then a recommender epoch
     codes = model.tokenizer.semantic_ids(model.item_embeddings)
     expected = codes + torch.tensor(model.recommender.level_starts)
     assert torch.equal(model.recommender.item_tokens[1:], expected)
+    assert not torch.equal(model.recommender.item_tokens, initial)  # the tokenizer epoch moved some codes
     assert (model.recommend(cyclic_split().test.histories, 5) > 0).all()

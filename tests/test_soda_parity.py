@@ -1,29 +1,52 @@
-"""SODA trains the same on the fused Triton kernels (the interpreter on CPU) as on the PyTorch path."""
+"""The joint models train the same on the fused Triton kernels (the interpreter on CPU) as on
+the PyTorch path: TIGER + SODA (distributional_bpr) and ETEGRec + SODA (its SIA term's soft
+assignments through codebook_log_softmax, too)."""
 
+import pytest
 import torch
 
-from soda.alignment import SODA, SODAConfig
+from soda.alignment import SODA, JointModel, SODAConfig
+from soda.etegrec import ETEGRec, ETEGRecConfig
+from soda.letter import LETTERConfig, LETTERLosses
 from soda.recommender import TIGER, RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig
 from tests.test_soda_train import NUM_ITEMS, cyclic_split
 
 EPOCHS, STEPS_PER_EPOCH, BATCH = 4, 6, 8
+JOINT_VARIANTS = ("tiger+soda", "letter+soda", "etegrec", "etegrec+soda")
 
 
-def train_tiny_soda(backend: str, epochs: int = EPOCHS, losses: list[float] | None = None) -> SODA:
-    """Tokenizer (L=2, K=8, d=4) + one-layer TIGER; 24 SODA steps: tokenizer, recommender,
-    tokenizer, frozen-tokenizer epochs. Appends the loss of each step to ``losses``."""
-    torch.manual_seed(0)
-    split = cyclic_split()
+def tiny_soda(seed: int = 0, variant: str = "tiger+soda", **options) -> JointModel:
+    """Tokenizer (L=2, K=8, d=4) + one-layer TIGER without dropout, initialised from ``seed``,
+    joined as ``variant`` (one of JOINT_VARIANTS; LETTER's CF embeddings random) with every
+    alignment weight 1; ``options``: SODAConfig's (the schedule and backend go to ETEGRec's too)."""
+    torch.manual_seed(seed)
     embeddings = torch.randn(NUM_ITEMS, 8)
-    tokenizer = RQVAE(8, TokenizerConfig(num_layers=2, codebook_size=8, latent_dim=4, hidden_dims=(16,)))
+    regularizer = None
+    if variant.startswith("letter"):
+        regularizer = LETTERLosses(torch.randn(NUM_ITEMS, 6), 4, LETTERConfig(clusters=3, recluster_every=4))
+    tokenizer_config = TokenizerConfig(num_layers=2, codebook_size=8, latent_dim=4, hidden_dims=(16,))
+    tokenizer = RQVAE(8, tokenizer_config, regularizer)
     tokenizer.kmeans_init(embeddings)
     recommender_config = RecommenderConfig(
         num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, head_dim=8, d_ff=32, dropout=0.0
     )
     recommender = TIGER(tokenizer.semantic_ids(embeddings), 8, recommender_config, extra_codes=NUM_ITEMS)
-    config = SODAConfig(weight=1.0, user_hidden=16, warmup_epochs=0, cycle_length=2, backend=backend)
-    model = SODA(recommender, tokenizer, embeddings, config)
+    soda = SODAConfig(weight=1.0, user_hidden=16, **options)
+    if variant.startswith("etegrec"):
+        shared = {name: options[name] for name in ("warmup_epochs", "cycle_length", "backend") if name in options}
+        config = ETEGRecConfig(final_frozen_epochs=1, sia_weight=1.0, psa_weight=1.0, user_hidden=16, **shared)
+        return ETEGRec(recommender, tokenizer, embeddings, config, soda if variant.endswith("+soda") else None)
+    return SODA(recommender, tokenizer, embeddings, soda)
+
+
+def train_tiny_soda(
+    backend: str, epochs: int = EPOCHS, losses: list[float] | None = None, variant: str = "tiger+soda"
+) -> JointModel:
+    """``tiny_soda``; 24 steps: tokenizer, recommender, tokenizer, frozen-tokenizer epochs.
+    Appends the loss of each step to ``losses``."""
+    split = cyclic_split()
+    model = tiny_soda(variant=variant, warmup_epochs=0, cycle_length=2, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for epoch in range(epochs):
         model.start_epoch(epoch, epochs)
@@ -38,10 +61,11 @@ def train_tiny_soda(backend: str, epochs: int = EPOCHS, losses: list[float] | No
     return model
 
 
-def test_triton_and_torch_backends_train_alike():
+@pytest.mark.parametrize("variant", ["tiger+soda", "etegrec+soda"])
+def test_triton_and_torch_backends_train_alike(variant):
     triton_losses, torch_losses = [], []
-    triton_model = train_tiny_soda("triton", losses=triton_losses)
-    torch_model = train_tiny_soda("torch", losses=torch_losses)
+    triton_model = train_tiny_soda("triton", losses=triton_losses, variant=variant)
+    torch_model = train_tiny_soda("torch", losses=torch_losses, variant=variant)
     assert len(torch_losses) >= 20
     relative = [abs(a - b) / abs(b) for a, b in zip(triton_losses, torch_losses, strict=True)]
     assert max(relative) < 1e-4, relative

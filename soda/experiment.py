@@ -1,0 +1,153 @@
+"""The reproduction experiment and the ablation, resumable across sessions.
+
+``experiment``: {TIGER, LETTER, ETEGRec} x {base, +SODA}, plus MostPop and SASRec, over
+several seeds on one dataset. ``ablate``: TIGER+SODA with one of the paper's open choices
+(in-batch mode, symmetric KL, λ, temperature) changed at a time.
+
+Every finished run leaves a small record, ``results/<dataset>/<preset>/<run>-seed<s>.json``
+(its metrics, configuration and minutes), which is committed with the repository; a
+run whose record exists is skipped, and a stopped run continues from its checkpoint
+under ``--out``. After each run the summary tables are rewritten from all records:
+
+    results/<dataset>.md, .json            experiment: mean ± std over seeds of the test metrics
+    results/<dataset>-ablation.md, .json   ablation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from soda.alignment import SODAConfig
+from soda.train import RunConfig, train_baselines, train_generative
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+BACKBONES = ("tiger", "letter", "etegrec")
+BASELINES = ("mostpop", "sasrec")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of a table: a backbone (or "baselines") and its SODA switch, by name."""
+
+    name: str
+    backbone: str
+    soda: SODAConfig | None = None
+
+
+def experiment_runs(backbones: tuple[str, ...] = BACKBONES) -> list[Run]:
+    """The baselines, then each backbone without and with SODA (default options)."""
+    runs = [Run("baselines", "baselines")]
+    for backbone in backbones:
+        runs += [Run(backbone, backbone), Run(f"{backbone}+soda", backbone, SODAConfig())]
+    return runs
+
+
+def ablation_runs() -> list[Run]:
+    """TIGER+SODA at the defaults, then one open choice changed at a time."""
+    default = SODAConfig()
+    variants = [("default", default)]
+    variants += [(f"in_batch={mode}", replace(default, in_batch=mode)) for mode in ("users", "both", "mean")]
+    variants += [("symmetric", replace(default, symmetric=True))]
+    variants += [(f"weight={w:g}", replace(default, weight=w)) for w in (0.01, 1.0)]
+    variants += [(f"temperature={t:g}", replace(default, temperature=t)) for t in (0.5, 2.0)]
+    return [Run(f"tiger+soda {name}", "tiger", soda) for name, soda in variants]
+
+
+def run_all(
+    runs: list[Run],
+    table: str,
+    dataset: str,
+    preset: str,
+    config: RunConfig,
+    seeds: int,
+    out_dir: Path,
+    results_dir: Path,
+    device: torch.device,
+    data_dir: str | None = None,
+) -> dict:
+    """Run every (run, seed) without a record, seed-major so that each seed completes in turn;
+    rewrite the summary after each run; return it."""
+    records_dir = results_dir / dataset / preset
+    records_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs, records_dir, seeds)
+    for seed in range(seeds):
+        for run in runs:
+            slug = run.name.replace(" ", "_").replace("=", "-")
+            record_path = records_dir / f"{slug}-seed{seed}.json"
+            if record_path.exists():
+                continue
+            print(f"== {run.name}, seed {seed}", flush=True)
+            start = time.perf_counter()
+            run_config = replace(config, soda=run.soda)
+            run_dir = out_dir / dataset / preset / f"{slug}-seed{seed}"
+            common = dict(config=run_config, device=device, seed=seed, resume=True, data_dir=data_dir)
+            if run.backbone == "baselines":
+                results = train_baselines(dataset, out_dir=run_dir, **common)
+            else:
+                results = {run.name: train_generative(run.backbone, dataset, out_dir=run_dir, **common)}
+            minutes = (time.perf_counter() - start) / 60
+            for name, result in results.items():  # baselines: one record per model
+                record = {
+                    "run": name,
+                    "seed": seed,
+                    "minutes": minutes / len(results),
+                    "valid": result["valid"],
+                    "test": result["test"],
+                    "config": asdict(run_config),
+                }
+                name_slug = name.replace(" ", "_").replace("=", "-")
+                write_atomic(records_dir / f"{name_slug}-seed{seed}.json", json.dumps(record, indent=2))
+            summary = summarize(runs, records_dir, seeds)
+            write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
+    write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
+    return summary
+
+
+def row_names(runs: list[Run]) -> list[str]:
+    return [name for run in runs for name in (BASELINES if run.backbone == "baselines" else (run.name,))]
+
+
+def summarize(runs: list[Run], records_dir: Path, seeds: int) -> dict:
+    """Mean and sample std over the recorded seeds of each row's test metrics and minutes."""
+    rows = {}
+    for name in row_names(runs):
+        slug = name.replace(" ", "_").replace("=", "-")
+        records = [json.loads(p.read_text()) for p in sorted(records_dir.glob(f"{slug}-seed*.json"))]
+        records = [r for r in records if r["seed"] < seeds]
+        if not records:
+            continue
+        row = {"seeds": [r["seed"] for r in records]}
+        for key in (*METRICS, "minutes"):
+            values = [r["minutes"] if key == "minutes" else r["test"][key] for r in records]
+            row[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        rows[name] = row
+    return {"seeds": seeds, "rows": rows}
+
+
+def write_summary(summary: dict, path: Path, title: str) -> None:
+    """``path``.json and ``path``.md: one row per model, mean ± std over seeds."""
+    lines = [
+        f"# {title}: test metrics, mean ± std over seeds\n",
+        "| model | seeds | " + " | ".join(METRICS) + " | minutes |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
+    for name, row in summary["rows"].items():
+        cells = [f"{row[key]['mean']:.4f} ± {row[key]['std']:.4f}" for key in METRICS]
+        cells.append(f"{row['minutes']['mean']:.1f}")
+        lines.append(f"| {name} | {len(row['seeds'])}/{summary['seeds']} | " + " | ".join(cells) + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path.with_name(path.name + ".json"), json.dumps(summary, indent=2))
+    write_atomic(path.with_name(path.name + ".md"), "\n".join(lines))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text + "\n")
+    os.replace(temporary, path)
