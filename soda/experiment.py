@@ -79,14 +79,12 @@ def run_all(
     summary = summarize(runs, records_dir, seeds)
     for seed in range(seeds):
         for run in runs:
-            slug = run.name.replace(" ", "_").replace("=", "-")
-            record_path = records_dir / f"{slug}-seed{seed}.json"
-            if record_path.exists():
+            if all(record_path(records_dir, name, seed).exists() for name in row_names([run])):
                 continue
             print(f"== {run.name}, seed {seed}", flush=True)
             start = time.perf_counter()
             run_config = replace(config, soda=run.soda)
-            run_dir = out_dir / dataset / preset / f"{slug}-seed{seed}"
+            run_dir = out_dir / dataset / preset / record_path(records_dir, run.name, seed).stem
             common = dict(config=run_config, device=device, seed=seed, resume=True, data_dir=data_dir)
             if run.backbone == "baselines":
                 results = train_baselines(dataset, out_dir=run_dir, **common)
@@ -102,15 +100,20 @@ def run_all(
                     "test": result["test"],
                     "config": asdict(run_config),
                 }
-                name_slug = name.replace(" ", "_").replace("=", "-")
-                write_atomic(records_dir / f"{name_slug}-seed{seed}.json", json.dumps(record, indent=2))
+                write_atomic(record_path(records_dir, name, seed), json.dumps(record, indent=2))
             summary = summarize(runs, records_dir, seeds)
             write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
     write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
     return summary
 
 
+def record_path(records_dir: Path, name: str, seed: int) -> Path:
+    """Where the record of row ``name`` at ``seed`` lives (file-name-safe)."""
+    return records_dir / f"{name.replace(' ', '_').replace('=', '-')}-seed{seed}.json"
+
+
 def row_names(runs: list[Run]) -> list[str]:
+    """The table's rows: the baselines run gives two (MostPop, SASRec), every other run one."""
     return [name for run in runs for name in (BASELINES if run.backbone == "baselines" else (run.name,))]
 
 
@@ -118,9 +121,8 @@ def summarize(runs: list[Run], records_dir: Path, seeds: int) -> dict:
     """Mean and sample std over the recorded seeds of each row's test metrics and minutes."""
     rows = {}
     for name in row_names(runs):
-        slug = name.replace(" ", "_").replace("=", "-")
-        records = [json.loads(p.read_text()) for p in sorted(records_dir.glob(f"{slug}-seed*.json"))]
-        records = [r for r in records if r["seed"] < seeds]
+        paths = [record_path(records_dir, name, seed) for seed in range(seeds)]
+        records = [json.loads(path.read_text()) for path in paths if path.exists()]
         if not records:
             continue
         row = {"seeds": [r["seed"] for r in records]}
