@@ -30,11 +30,12 @@ float32 matmul precision setting, full float32 by default). So S costs one B x B
 pass, backward two more. Cross-program sums go through per-program float32 partial buffers
 (a slab's partials are at most R B / BLOCK_B floats) summed by ``torch.sum``, and slabs are added
 in order: no atomics, deterministic. "mean" has one term per row against the in-batch mean user
-distribution (O(B L K), no pairwise matrix): PyTorch ops on temporaries, differentiated by
-recomputation in backward. Gradients then go from the operands to the log-probabilities, through
-log-softmax to the logits, and onto residuals and codebooks with ``project_logit_grad``; item rows
-are summed over repeated positives by a sort-based ``index_put_``, so two backward passes are
-bit-identical.
+distribution (O(B L K), no pairwise matrix): PyTorch ops on temporaries, recomputed in backward,
+which applies their gradient derived by hand (``_mean_log_prob_grads``; the mean's share reaches
+the users through the forward's group sums again). Gradients then go from the operands to the
+log-probabilities, through log-softmax to the logits, and onto residuals and codebooks with
+``project_logit_grad``; item rows are summed over repeated positives by a sort-based
+``index_put_``, so two backward passes are bit-identical.
 """
 
 from __future__ import annotations
@@ -281,9 +282,13 @@ def _pair_operand_grads(ops: _Operands, positives, scale, in_batch: str):
         grad_col_bias += slab.sum(0)
         item_sigmoids[rows] = item_partials[:, :count].sum(0)
         user_sigmoids += user_partials[: grid[0]].sum(0)
-    grad_diag = -scale * (item_sigmoids + user_sigmoids)
-    return (grad_rows + grad_diag[:, None] * ops.cols, grad_cols + grad_diag[:, None] * ops.rows,
-            grad_row_bias + grad_diag, grad_col_bias + grad_diag)
+    grads = _diag_grads(ops, -scale * (item_sigmoids + user_sigmoids))
+    return tuple(off + on for off, on in zip((grad_rows, grad_cols, grad_row_bias, grad_col_bias), grads, strict=True))
+
+
+def _diag_grads(ops: _Operands, grad_diag):
+    """dLoss/d(rows, cols, row_bias, col_bias) through the diagonal alone, for dLoss/dS[b, b] = grad_diag[b]."""
+    return grad_diag[:, None] * ops.cols, grad_diag[:, None] * ops.rows, grad_diag, grad_diag
 
 
 def _log_prob_grads(grads, log_q, log_p, weights, symmetric):
@@ -303,32 +308,53 @@ def _log_prob_grads(grads, log_q, log_p, weights, symmetric):
     return grad_log_q, grad_log_p
 
 
-def _groups(positives):
-    """Rows grouped by equal positives: (group index of each row (B,), number of groups, number of
-    rows whose positive differs (B,))."""
-    _, group_of_row, group_size = torch.unique(positives, return_inverse=True, return_counts=True)
-    return group_of_row, len(group_size), len(positives) - group_size[group_of_row]
+@dataclass
+class _MeanScores:
+    """"mean" per row b: the positive score ps_b = s(Q_b, P_b) and the mean score ms_b = s(M_b, P_b)
+    as the diagonals of their operands, M_b = others_b / count_b the mean of Q_m over the rows m
+    whose positive differs (log M_b clamped like ``torch_backend.log_mean``), and
+    term_b = softplus(ms_b - ps_b) h_b, h_b = 1 where count_b > 0 (else no term)."""
+
+    positive: _Operands
+    mean: _Operands
+    log_mean: torch.Tensor  # (B, L, K)
+    others: torch.Tensor  # (B, L, K) sum of Q_m over the rows m of the other groups
+    group_of_row: torch.Tensor  # (B,)
+    has_term: torch.Tensor  # (B,) h_b, float32
+
+    @classmethod
+    def of(cls, log_q, log_p, positives, weights, symmetric) -> _MeanScores:
+        group_of_row, count = torch_backend.group_rows(positives)
+        others = torch_backend.sum_over_other_groups(log_q.exp(), group_of_row)
+        log_mean = torch_backend.log_mean(others, count)
+        return cls(_operands(log_q, log_p, weights, symmetric), _operands(log_mean, log_p, weights, symmetric),
+                   log_mean, others, group_of_row, (count > 0).float())
+
+    @property
+    def terms(self) -> torch.Tensor:
+        return F.softplus(self.mean.diag - self.positive.diag) * self.has_term
 
 
-def _mean_user_terms(log_q, log_p, positives, weights, symmetric):
-    """(term (B,), has_term (B,)) of "mean": softplus(s(mean of Q_m over valid m, P_b) - S[b, b]).
+def _mean_log_prob_grads(scores: _MeanScores, log_q, log_p, scale, weights, symmetric):
+    """dLoss/dlogQ and dLoss/dlogP of "mean" for dLoss/d(term_b) = scale[b], up to multiples of
+    Q and P per (row, layer) like ``_log_prob_grads``. With g_b = scale_b h_b sigmoid(ms_b - ps_b),
+    ps takes -g_b and ms takes g_b: G_b = g_b ds(M_b, P_b)/dlogM_b reaches, through
+    log M_b = log others_b - log count_b, the Q_m of every row m of another group,
 
-    The mean by group sums over equal positives and prefix/suffix sums over the groups (no
-    subtraction, so no cancellation); the group sums by a deterministic, sort-based index_put_.
+        dLoss/dlogQ_m += Q_m sum_(b: pos_b != pos_m) G_b / others_b     (0 where others_b was clamped)
+
+    the sum over the other groups like the forward's. The -g_b w M_b that ``_log_prob_grads``
+    drops from G_b reaches Q_m as a multiple of Q_m (M_b / others_b = 1 / count_b): dropped too.
     """
-    group_of_row, num_groups, count = _groups(positives)
-    probs = log_q.exp()
-    group_sum = probs.new_zeros((num_groups,) + probs.shape[1:]).index_put_((group_of_row,), probs, accumulate=True)
-    zero = torch.zeros_like(group_sum[:1])
-    before = torch.cat([zero, torch.cumsum(group_sum, 0)[:-1]])
-    after = torch.cat([torch.flip(torch.cumsum(torch.flip(group_sum, [0]), 0), [0])[1:], zero])
-    others = (before + after)[group_of_row]
-    log_mean = others.clamp_min(torch.finfo(torch.float32).tiny).log() - count.clamp_min(1).float().log()[:, None, None]
-    users, items = torch_backend._Side(log_q, weights), torch_backend._Side(log_p, weights)
-    positive_score = torch_backend.score_rows(users, items, weights, symmetric)
-    mean_score = torch_backend.score_rows(torch_backend._Side(log_mean, weights), items, weights, symmetric)
-    has_term = (count > 0).float()
-    return F.softplus(mean_score - positive_score) * has_term, has_term
+    grad_terms = scale * scores.has_term * torch.sigmoid(scores.mean.diag - scores.positive.diag)
+    grad_log_q, grad_log_p = _log_prob_grads(_diag_grads(scores.positive, -grad_terms), log_q, log_p, weights,
+                                             symmetric)
+    grad_log_mean, grad_log_p_mean = _log_prob_grads(_diag_grads(scores.mean, grad_terms), scores.log_mean, log_p,
+                                                     weights, symmetric)
+    tiny = torch.finfo(scores.others.dtype).tiny
+    grad_others = torch.where(scores.others >= tiny, grad_log_mean / scores.others.clamp_min(tiny), 0.0)
+    grad_log_q = grad_log_q + log_q.exp() * torch_backend.sum_over_other_groups(grad_others, scores.group_of_row)
+    return grad_log_q, grad_log_p + grad_log_p_mean
 
 
 def _row_scales(grad_output, row_counts, reduction):
@@ -353,11 +379,12 @@ def in_batch_bpr_op(
     """(the reduced loss, the number of terms of each row (B,) float32, kept for backward)."""
     log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
     if in_batch == "mean":
-        row_sums, row_counts = _mean_user_terms(log_q, log_p, positives, weights, symmetric)
+        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
+        row_sums, row_counts = scores.terms, scores.has_term
     else:
         ops = _operands(log_q, log_p, weights, symmetric)
         row_sums = _pair_term_sums(ops, positives, in_batch)
-        row_counts = _groups(positives)[2].float() * (2 if in_batch == "both" else 1)
+        row_counts = torch_backend.group_rows(positives)[1].float() * (2 if in_batch == "both" else 1)
     return torch_backend.reduce_terms(row_sums, row_counts, reduction), row_counts
 
 
@@ -377,10 +404,8 @@ def in_batch_bpr_backward(
     scale = _row_scales(grad_output, row_counts, reduction)
     log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
     if in_batch == "mean":
-        def terms(log_q, log_p):
-            return _mean_user_terms(log_q, log_p, positives, weights, symmetric)[0]
-
-        grad_log_q, grad_log_p = torch.func.vjp(terms, log_q, log_p)[1](scale)
+        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
+        grad_log_q, grad_log_p = _mean_log_prob_grads(scores, log_q, log_p, scale, weights, symmetric)
     else:
         ops = _operands(log_q, log_p, weights, symmetric)
         grads = _pair_operand_grads(ops, positives, scale, in_batch)

@@ -90,28 +90,44 @@ def score_rows(user: _Side, item: _Side, weights: torch.Tensor, symmetric: bool)
     return scores
 
 
+def group_rows(positives: torch.Tensor):
+    """Rows grouped by equal positives: (group index of each row (B,), number of rows whose positive
+    differs (B,)). Static shapes (torch.compile traces it whole): group g is the g-th smallest
+    positive, found by a sort, so the indices lie in [0, B)."""
+    ordered, order = torch.sort(positives)
+    group_starts = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    group_of_row = torch.empty_like(order).scatter_(0, order, torch.cumsum(group_starts, 0) - 1)
+    group_size = torch.zeros_like(positives).index_add_(0, group_of_row, torch.ones_like(positives))
+    return group_of_row, len(positives) - group_size[group_of_row]
+
+
+def sum_over_other_groups(values: torch.Tensor, group_of_row: torch.Tensor) -> torch.Tensor:
+    """Per row b, the sum of values[m] over the rows m of the other groups: (B, ...) -> (B, ...).
+
+    Group sums in B slots (a sort-based, deterministic index_put_; the slots past the last group
+    stay zero), then prefix and suffix sums over the groups: no subtraction, so no cancellation.
+    """
+    group_sum = values.new_zeros(values.shape).index_put_((group_of_row,), values, accumulate=True)
+    zero = torch.zeros_like(group_sum[:1])
+    before = torch.cat([zero, torch.cumsum(group_sum, 0)[:-1]])  # groups strictly before
+    after = torch.cat([torch.flip(torch.cumsum(torch.flip(group_sum, [0]), 0), [0])[1:], zero])
+    return (before + after)[group_of_row]
+
+
+def log_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """log(total / count) for totals (B, L, K) of count (B,) terms: the total clamped at the
+    smallest normal number of its dtype, the count at 1 (finite where count is 0)."""
+    tiny = torch.finfo(total.dtype).tiny
+    return total.clamp_min(tiny).log() - count.clamp_min(1).to(total.dtype).log()[:, None, None]
+
+
 def in_batch_mean_user(log_q: torch.Tensor, positives: torch.Tensor):
     """log of the mean user distribution over the rows whose positive differs from row b's.
 
     Returns (log_mean (B, L, K), count (B,)); rows with count 0 get an arbitrary finite value.
-    Static shapes (torch.compile traces it whole): group g is the g-th smallest positive, found by
-    a sort, and the group sums have B slots, the ones past the last group left at zero.
     """
-    batch = len(positives)
-    ordered, order = torch.sort(positives)
-    group_starts = torch.cat([ordered.new_ones(1, dtype=torch.bool), ordered[1:] != ordered[:-1]])
-    group_of_row = torch.empty_like(order).scatter_(0, order, torch.cumsum(group_starts, 0) - 1)
-    probs = log_q.exp()
-    group_sum = probs.new_zeros(probs.shape).index_add_(0, group_of_row, probs)
-    zero = torch.zeros_like(group_sum[:1])
-    before = torch.cat([zero, torch.cumsum(group_sum, 0)[:-1]])  # groups strictly before
-    after = torch.cat([torch.flip(torch.cumsum(torch.flip(group_sum, [0]), 0), [0])[1:], zero])
-    group_size = torch.zeros_like(positives).index_add_(0, group_of_row, torch.ones_like(positives))
-    count = batch - group_size[group_of_row]
-    others = (before + after)[group_of_row]
-    tiny = torch.finfo(log_q.dtype).tiny
-    log_mean = others.clamp_min(tiny).log() - count.clamp_min(1).to(log_q.dtype).log()[:, None, None]
-    return log_mean, count
+    group_of_row, count = group_rows(positives)
+    return log_mean(sum_over_other_groups(log_q.exp(), group_of_row), count), count
 
 
 def reduce_terms(row_sums: torch.Tensor, row_counts: torch.Tensor, reduction: str) -> torch.Tensor:

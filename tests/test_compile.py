@@ -15,7 +15,7 @@ from soda_kernels.in_batch_bpr import in_batch_bpr_backward, in_batch_bpr_op
 from soda_kernels.pairwise_kl import pairwise_kl_backward, pairwise_kl_op
 from soda_kernels.sampled_bpr import sampled_bpr_backward, sampled_bpr_op
 
-from .utils import DEVICE, make_bpr_inputs
+from .utils import DEVICE, make_bpr_inputs, rel_err
 
 
 def _randn(*shape, seed=0):
@@ -51,18 +51,13 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("op, args", _opcheck_cases(), ids=lambda case: getattr(case, "_name", ""))
 def test_opcheck(op, args):
-    """The forward ops with gradients on their float inputs; the backward ops have no autograd
-    formula (no double backward), so theirs take none. The "mean" in-batch backward differentiates
-    its PyTorch terms with torch.func.vjp, whose wrapper tensors the schema and fake-tensor
-    cross-checks and the AOT dispatch test (dispatch modes around the real op) cannot read: that
-    one runs only test_autograd_registration (the compiled-model test below covers it at run time)."""
+    """All four checks (schema, autograd registration, fake tensor, AOT dispatch) on every op: the
+    forward ops with gradients on their float inputs; the backward ops have no autograd formula
+    (no double backward), so theirs take none."""
     differentiable = not op._name.endswith("_backward")
     args = tuple(a.detach().requires_grad_(differentiable and a.is_floating_point())
                  if isinstance(a, torch.Tensor) else a for a in args)
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
-    if op is in_batch_bpr_backward and "mean" in args:
-        utils = ["test_autograd_registration"]
-    torch.library.opcheck(op, args, test_utils=utils)
+    torch.library.opcheck(op, args)
 
 
 class _Model(torch.nn.Module):
@@ -98,8 +93,10 @@ def test_compiled_model_matches_eager(backend, case):
     for run in (model, compiled):
         loss = run(**inputs)
         results.append((loss.detach(), *torch.autograd.grad(loss, params)))
+    # The project's measure, ‖compiled − eager‖ / ‖eager‖: inductor reorders float32 sums, which moves
+    # near-zero gradient elements by a few 1e-6 (an elementwise atol flakes on them).
     for eager, compiled_result in zip(*results, strict=True):
-        torch.testing.assert_close(compiled_result, eager, rtol=1e-4, atol=1e-6)
+        assert rel_err(compiled_result, eager) < 1e-5
 
 
 def test_validate_false_skips_value_checks_only():

@@ -61,13 +61,27 @@ def test_batches_spanning_several_slabs(small_slabs, mode, symmetric):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("positives", [[4], [2, 2], [5, 5, 5, 5], [1, 1, 3, 1, 3, 0]])
+@pytest.mark.parametrize("positives", [[4], [2, 2], [5, 5, 5, 5], [1, 1, 3, 1, 3, 0], [3, 3, 3, 0, 3, 3]])
 def test_edge_batches(mode, positives):
-    """B = 1, B = 2 with equal positives, no valid negative anywhere, duplicate positives."""
+    """B = 1, B = 2 with equal positives, no valid negative anywhere, duplicate positives, one group
+    holding all rows but one (the lone row's mean is over all the others, theirs is that one row)."""
     inputs = make_bpr_inputs(len(positives), 6, 2, 5, 3, generator=_seeded(mode, *positives))
     inputs["positives"] = torch.tensor(positives, device=DEVICE)
     for reduction in REDUCTIONS:
         compare_with_reference(inputs, "triton", in_batch=mode, symmetric=True, reduction=reduction)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_batch_without_terms_has_zero_loss_and_gradients(mode, reduction):
+    """Every positive equal: no valid pair, so the loss and every gradient are exactly 0, never NaN."""
+    inputs = make_bpr_inputs(6, 6, 2, 5, 3, generator=_seeded(mode, reduction, "no terms"))
+    inputs["positives"] = torch.full((6,), 2, device=DEVICE)
+    loss = sk.distributional_bpr(**inputs, backend="triton", in_batch=mode, symmetric=True, reduction=reduction)
+    loss.sum().backward()
+    assert not loss.any()
+    for name in ("user", "items", "codebooks"):
+        assert not inputs[name].grad.any(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
