@@ -52,6 +52,10 @@ class Schedule:
     warmup_epochs: int = 1  # recommender only, no alignment
     cycle_length: int = 2  # one tokenizer epoch, then cycle_length - 1 recommender epochs
     final_frozen_epochs: int = 1  # recommender with the tokenizer frozen, at the end
+    # The tokenizer's peak learning rate in its epochs (the recommender keeps TrainConfig.lr): at the
+    # recommender's rate (3e-3 in the CPU preset) one tokenizer epoch re-derives most items' codes
+    # and the frozen recommender's validation Recall@10 falls by three quarters.
+    tokenizer_lr: float = 1e-4
 
     def phase(self, epoch: int, epochs: int) -> tuple[str, bool]:
         """Which side trains in epoch (0-based) of epochs, and whether the alignment loss is on."""
@@ -126,6 +130,12 @@ class JointModel(nn.Module):
         self.tokenizer.requires_grad_(self.phase == TOKENIZER)
         for side in (self.recommender, self.alignments):
             side.requires_grad_(self.phase == RECOMMENDER)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: the tokenizer at ``schedule.tokenizer_lr``, the rest at the trainer's rate."""
+        tokenizer = list(self.tokenizer.parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in tokenizer)]
+        return [{"params": rest}, {"params": tokenizer, "peak_lr": self.schedule.tokenizer_lr}]
 
     @torch.no_grad()
     def refresh_codes(self) -> None:

@@ -108,7 +108,9 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     distributed.broadcast_module(model)  # every rank starts from rank 0's model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # a model may give parameter groups their own peak rate ("peak_lr"; a joint model's tokenizer)
+    groups = model.param_groups() if hasattr(model, "param_groups") else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     state = {
@@ -135,7 +137,7 @@ def fit(
         epoch_loss = 0.0
         for step, batch in enumerate(bar, start=epoch * steps_per_epoch):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, config)
+                group["lr"] = group.get("peak_lr", config.lr) * lr_factor(step, total_steps, config)
             local = distributed.shard(batch)  # the whole batch on one process
             loss = model.loss(split.train.histories[local].to(device), split.train.targets[local].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -177,12 +179,12 @@ def fit(
     return distributed.from_main(result)
 
 
-def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
-    """Linear warm-up to config.lr, then cosine decay to 0 at total_steps."""
+def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate over its peak: linear warm-up to 1, then cosine decay to 0 at total_steps."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ and switch, and tiny runs of every backbone x SODA through the recipe the CLI us
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from soda.etegrec import ETEGRecConfig
 from soda.letter import LETTERConfig
 from soda.recommender import RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig
-from soda.train import PRESETS, RunConfig, TrainConfig, train_generative
-from tests.test_soda_parity import JOINT_VARIANTS, train_tiny_soda
+from soda.train import PRESETS, RunConfig, TrainConfig, fit, train_generative
+from tests.test_soda_parity import JOINT_VARIANTS, tiny_soda, train_tiny_soda
 from tests.test_soda_train import NUM_ITEMS, cyclic_split
 
 TINY_SODA = SODAConfig(user_hidden=16, warmup_epochs=0, cycle_length=2, final_frozen_epochs=2, backend="torch")
@@ -153,3 +154,18 @@ def test_codes_are_rederived_after_a_tokenizer_epoch(variant):
     assert torch.equal(model.recommender.item_tokens[1:], expected)
     assert not torch.equal(model.recommender.item_tokens, initial)  # the tokenizer epoch moved some codes
     assert (model.recommend(cyclic_split().test.histories, 5) > 0).all()
+
+
+def test_joint_training_gives_the_tokenizer_its_own_learning_rate(tmp_path):
+    model = tiny_soda(tokenizer_lr=3e-4, warmup_epochs=0, final_frozen_epochs=0, backend="torch")  # a tokenizer epoch
+    recommender_group, tokenizer_group = model.param_groups()
+    assert [id(p) for p in tokenizer_group["params"]] == [id(p) for p in model.tokenizer.parameters()]
+    assert len(recommender_group["params"]) + len(tokenizer_group["params"]) == len(list(model.parameters()))
+    split = cyclic_split()
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-2, warmup_steps=1000, eval_batch_size=64)
+    before = model.tokenizer.codebooks.detach().clone()
+    fit(model, split, config, tmp_path, torch.device("cpu"))
+    warmup = math.ceil(len(split.train) / 32) / 1000  # the rate's factor at the last step
+    saved = torch.load(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    assert saved[0]["lr"] == pytest.approx(1e-2 * warmup) and saved[1]["lr"] == pytest.approx(3e-4 * warmup)
+    assert not torch.equal(model.tokenizer.codebooks, before)
