@@ -25,9 +25,8 @@ from soda import distributed
 from soda.alignment import SODAConfig
 from soda.data import KNOWN_DATASETS
 from soda.experiment import ablation_runs, experiment_runs, run_all
+from soda.metrics import METRICS
 from soda.train import BACKBONES, PRESETS, RunConfig, train_baselines, train_generative
-
-COLUMNS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,11 +130,11 @@ def table(results: dict[str, dict], title: str) -> str:
     """A Markdown table of each model's test metrics."""
     lines = [
         f"\n{title}\n",
-        "| model | " + " | ".join(COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        "| model | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
     ]
     for name, result in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{result['test'][c]:.4f}" for c in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{result['test'][c]:.4f}" for c in METRICS) + " |")
     return "\n".join(lines)
 
 

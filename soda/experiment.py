@@ -16,7 +16,6 @@ under ``--out``. After each run the summary tables are rewritten from all record
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,10 +24,9 @@ from pathlib import Path
 import torch
 
 from soda.alignment import SODAConfig
-from soda.train import RunConfig, train_baselines, train_generative
+from soda.metrics import METRICS
+from soda.train import BACKBONES, RunConfig, train_baselines, train_generative, write_text_atomic
 
-METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
-BACKBONES = ("tiger", "letter", "etegrec")
 BASELINES = ("mostpop", "sasrec")
 
 
@@ -76,7 +74,6 @@ def run_all(
     rewrite the summary after each run; return it."""
     records_dir = results_dir / dataset / preset
     records_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, records_dir, seeds)
     for seed in range(seeds):
         for run in runs:
             if all(record_path(records_dir, name, seed).exists() for name in row_names([run])):
@@ -100,9 +97,9 @@ def run_all(
                     "test": result["test"],
                     "config": asdict(run_config),
                 }
-                write_atomic(record_path(records_dir, name, seed), json.dumps(record, indent=2))
-            summary = summarize(runs, records_dir, seeds)
-            write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
+                write_text_atomic(record_path(records_dir, name, seed), json.dumps(record, indent=2))
+            write_summary(summarize(runs, records_dir, seeds), results_dir / table, f"{dataset}, preset {preset}")
+    summary = summarize(runs, records_dir, seeds)
     write_summary(summary, results_dir / table, f"{dataset}, preset {preset}")
     return summary
 
@@ -145,11 +142,5 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
         cells.append(f"{row['minutes']['mean']:.1f}")
         lines.append(f"| {name} | {len(row['seeds'])}/{summary['seeds']} | " + " | ".join(cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path.with_name(path.name + ".json"), json.dumps(summary, indent=2))
-    write_atomic(path.with_name(path.name + ".md"), "\n".join(lines))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path.with_name(path.name + ".json"), json.dumps(summary, indent=2))
+    write_text_atomic(path.with_name(path.name + ".md"), "\n".join(lines))

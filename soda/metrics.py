@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 KS = (5, 10)
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")  # the order of every table
 
 
 def ranking_metrics(ranked_items: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:

@@ -28,7 +28,7 @@ from soda.data import Examples, Split, k_core, leave_one_out, load_dataset
 from soda.embeddings import item_embeddings
 from soda.etegrec import ETEGRec, ETEGRecConfig
 from soda.letter import LETTERConfig, LETTERLosses
-from soda.metrics import KS, ranking_metrics
+from soda.metrics import KS, METRICS, ranking_metrics
 from soda.recommender import TIGER, RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig, codebook_stats, train_tokenizer
 
@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, examples: Examples, batch_size: int, device: torc
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    return " ".join(f"{name} {metrics[name]:.4f}" for name in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
+    return " ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -216,9 +216,14 @@ def write_metrics(out_dir: Path, result: dict) -> None:
     if not distributed.is_main():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir / "metrics.json.tmp"
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` and a newline to a temporary file, then renamed over ``path``."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text + "\n")
+    os.replace(temporary, path)
 
 
 def plot_curves(path: Path, state: dict, extra_curves: dict[str, list[float]]) -> None:

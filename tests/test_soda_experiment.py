@@ -7,7 +7,8 @@ import statistics
 import torch
 
 from soda import experiment
-from soda.experiment import METRICS, Run, run_all
+from soda.experiment import Run, run_all
+from soda.metrics import METRICS
 from soda.train import PRESETS
 
 
