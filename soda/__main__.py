@@ -90,8 +90,18 @@ def main() -> None:
         runs = experiment_runs(tuple(args.backbones)) if args.command == "experiment" else ablation_runs()
         table_name = args.dataset + ("" if args.command == "experiment" else "-ablation")
         label = args.preset + ("" if args.epochs is None else f"-epochs{args.epochs}")  # records of one config
-        run_all(runs, table_name, args.dataset, label, config, args.seeds, args.out, args.results,
-                common["device"], args.data_dir)  # every run resumes; --seed and --resume do not apply
+        run_all(
+            runs,
+            table_name,
+            args.dataset,
+            label,
+            config,
+            args.seeds,
+            args.out,
+            args.results,
+            common["device"],
+            args.data_dir,
+        )  # every run resumes; --seed and --resume do not apply
         if distributed.is_main():
             print((args.results / f"{table_name}.md").read_text())
         return

@@ -8,7 +8,8 @@ epoch (``Schedule.phase``):
                 then recommender epochs (tokenizer frozen; code cross-entropy + Σ weight·alignment)
     final       recommender epochs with the tokenizer frozen (+ Σ weight·alignment)
 
-After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt. The
+The recommender trains as many epochs as on a plain backbone; the tokenizer epochs come on top
+(``Schedule.epochs``). After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt. The
 alignment terms (each a module with a ``weight``) see one ``JointBatch``: the encoder states,
 the distinct target items and the tokenizer's quantisation of them. The backbones:
 
@@ -32,6 +33,7 @@ side is training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,21 @@ class Schedule:
     # recommender's rate (3e-3 in the CPU preset) one tokenizer epoch re-derives most items' codes
     # and the frozen recommender's validation Recall@10 falls by three quarters.
     tokenizer_lr: float = 1e-4
+
+    def __post_init__(self):
+        if self.cycle_length < 2:
+            raise ValueError(
+                f"cycle_length must be at least 2 (a tokenizer and a recommender epoch), got {self.cycle_length}"
+            )
+        if self.warmup_epochs < 0 or self.final_frozen_epochs < 0:
+            raise ValueError("warmup_epochs and final_frozen_epochs must be non-negative")
+
+    def epochs(self, recommender_epochs: int) -> int:
+        """The length of a joint run whose recommender trains recommender_epochs epochs, as a plain
+        backbone's does: the tokenizer epochs, one per cycle between warm-up and the frozen end,
+        come on top (so a joint model and its base model get the same recommender budget)."""
+        middle = recommender_epochs - self.warmup_epochs - self.final_frozen_epochs
+        return recommender_epochs + max(0, math.ceil(middle / (self.cycle_length - 1)))
 
     def phase(self, epoch: int, epochs: int) -> tuple[str, bool]:
         """Which side trains in epoch (0-based) of epochs, and whether the alignment loss is on."""

@@ -307,7 +307,10 @@ def train_generative(
     elif config.soda is not None:
         model = SODA(model, tokenizer, embeddings, config.soda)
     print(f"{backbone}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    result = fit(model, split, config.train, out_dir, device, resume, seed, {"rq-vae loss": saved["losses"]})
+    train = config.train
+    if joint:  # the recommender's epochs as on its own, the tokenizer's on top
+        train = replace(train, epochs=model.schedule.epochs(train.epochs))
+    result = fit(model, split, train, out_dir, device, resume, seed, {"rq-vae loss": saved["losses"]})
     result["tokenizer"] = saved["stats"]
     if joint:  # the codes the tokenizer ended with
         final_ids = model.tokenizer.semantic_ids(model.item_embeddings)

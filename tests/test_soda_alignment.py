@@ -56,6 +56,22 @@ def test_schedule_warms_up_alternates_and_ends_frozen():
     ]
 
 
+@pytest.mark.parametrize("warmup, cycle, final", [(1, 2, 1), (1, 3, 2), (2, 4, 1), (0, 2, 0), (3, 2, 3)])
+@pytest.mark.parametrize("recommender_epochs", [1, 2, 4, 7, 10])
+def test_schedule_gives_the_recommender_its_plain_epochs(warmup, cycle, final, recommender_epochs):
+    config = SODAConfig(warmup_epochs=warmup, cycle_length=cycle, final_frozen_epochs=final)
+    epochs = config.epochs(recommender_epochs)
+    phases = [config.phase(epoch, epochs)[0] for epoch in range(epochs)]
+    assert phases.count(RECOMMENDER) == recommender_epochs
+    # a tokenizer epoch only where a recommender epoch follows it
+    assert all(phases[i + 1] == RECOMMENDER for i, phase in enumerate(phases) if phase == TOKENIZER)
+
+
+def test_schedule_rejects_a_cycle_without_recommender_epochs():
+    with pytest.raises(ValueError, match="cycle_length"):
+        SODAConfig(cycle_length=1)
+
+
 def test_cli_switch_configures_soda():
     def args(**soda_options):
         return argparse.Namespace(preset="cpu", epochs=None, min_interactions=None, **soda_options)
@@ -94,7 +110,7 @@ def tiny_recipe(monkeypatch):
         recommender=RecommenderConfig(
             num_encoder_layers=1, num_decoder_layers=1, d_model=32, num_heads=2, head_dim=16, d_ff=64, dropout=0.0
         ),
-        train=TrainConfig(epochs=6, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=3, eval_batch_size=64),
+        train=TrainConfig(epochs=4, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=3, eval_batch_size=64),
         sasrec=SASRecConfig(hidden=16, dropout=0.0),
         sasrec_train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=2),
         letter=LETTERConfig(clusters=3, recluster_every=5),
@@ -102,9 +118,9 @@ def tiny_recipe(monkeypatch):
     )
 
 
-# The recommender epochs of each run's six: SODA's schedule is T R T R R R (the last two frozen),
-# ETEGRec's R T R T R R (a warm-up epoch without alignment first).
-RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 4, 5], "plain": [0, 1, 2, 3, 4, 5]}
+# The recommender epochs of each run, four in all: SODA's schedule is T R T R R R (the last two
+# frozen), ETEGRec's R T R R R (a warm-up epoch without alignment first), the plain run's R R R R.
+RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 3, 4], "plain": [0, 1, 2, 3]}
 
 
 @pytest.mark.parametrize(
@@ -121,6 +137,7 @@ def test_tiny_runs_train_through_the_recipe(tiny_recipe, tmp_path, backbone, sod
     config = soda.train.replace(tiny_recipe, soda=soda_config)
     result = train_generative(backbone, "cycle", config, tmp_path, torch.device("cpu"))
     train_loss = torch.load(tmp_path / "last.pt")["state"]["train_loss"]
+    assert len(train_loss) == max(RECOMMENDER_EPOCHS[schedule]) + 1
     recommender_losses = [train_loss[epoch] for epoch in RECOMMENDER_EPOCHS[schedule]]
     assert recommender_losses[-1] < 0.8 * recommender_losses[0], train_loss
     written = json.loads((tmp_path / "metrics.json").read_text())
