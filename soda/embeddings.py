@@ -22,10 +22,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SODA_CACHE", Path.home() / ".cache" / "soda"))
 
 
+def embeddings_path(dataset_name: str, item_texts: list[str]) -> Path:
+    """Where the cache keeps a dataset's item embeddings: keyed by dataset, model and texts."""
+    digest = hashlib.sha256("\n".join(item_texts).encode()).hexdigest()[:16]
+    return cache_dir() / "embeddings" / f"{dataset_name}-{MODEL_NAME}-{digest}.pt"
+
+
 def item_embeddings(dataset_name: str, item_texts: list[str], batch_size: int = 128) -> torch.Tensor:
     """Embed each item text, from the cache when it holds them: list of N texts -> (N, 384) float32."""
-    digest = hashlib.sha256("\n".join(item_texts).encode()).hexdigest()[:16]
-    path = cache_dir() / "embeddings" / f"{dataset_name}-{MODEL_NAME}-{digest}.pt"
+    path = embeddings_path(dataset_name, item_texts)
     if path.exists():
         return torch.load(path)
     embeddings = encode_texts(item_texts, batch_size)

@@ -5,7 +5,8 @@ within a rank and one held by both ranks. For every in-batch mode the gathered l
 equals the single-process loss on the concatenated batch (de-duplicated by ``unique``), and the
 parameter gradients averaged over the ranks, as DDP averages them, equal the single-process ones.
 ``fit`` on two ranks (soda.distributed, as torchrun starts it) trains TIGER + SODA to the
-parameters one process reaches with the same global batches.
+parameters one process reaches with the same global batches. Last, ``torchrun -m soda train``
+itself, on a small dataset of atomic files.
 
 The children save what they computed; the parent compares (an exception in a child fails the
 spawn, hence the test).
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +27,8 @@ import torch.multiprocessing as mp
 
 import soda.distributed
 import soda_kernels as sk
+from soda.data import load_atomic
+from soda.embeddings import embeddings_path
 from soda.train import TrainConfig, fit
 from tests.test_soda_parity import tiny_soda
 from tests.test_soda_train import cyclic_split
@@ -252,3 +257,38 @@ def test_fit_on_two_ranks_trains_like_one_process(tmp_path):
     assert written["test"] == ranks[0]["result"]["test"]
     assert set(single_result["test"]) == set(written["test"])
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "curves.png").exists()
+
+
+def test_torchrun_trains_tiger_with_soda_from_the_command_line(tmp_path, monkeypatch):
+    """Two gloo ranks through the CLI, as the README runs it: rank 0 alone writes and prints."""
+    data = tmp_path / "data"
+    data.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    items = torch.randint(1, 61, (48, 9), generator=generator)
+    (data / "toy.inter").write_text(
+        "user_id:token\titem_id:token\ttimestamp:float\n"
+        + "".join(
+            f"u{user}\ti{item}\t{step}\n" for user, row in enumerate(items.tolist()) for step, item in enumerate(row)
+        )
+    )
+    (data / "toy.item").write_text(
+        "item_id:token\ttitle:token_seq\n" + "".join(f"i{i}\tItem {i}\n" for i in range(1, 61))
+    )
+    monkeypatch.setenv("SODA_CACHE", str(tmp_path / "cache"))  # the children inherit it
+    # the item embeddings from the cache (random, 32-d), so that no sentence encoder runs
+    texts = load_atomic(data, "toy").item_texts
+    path = embeddings_path("toy", texts)
+    path.parent.mkdir(parents=True)
+    torch.save(torch.randn(len(texts), 32, generator=generator), path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    command += ["-m", "soda", "train", "--backbone", "tiger", "--soda", "--soda-backend", "torch"]
+    command += ["--dataset", "toy", "--data-dir", str(data), "--preset", "cpu", "--epochs", "3", "--device", "cpu"]
+    command += ["--out", str(tmp_path / "run")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert finished.stdout.count("toy, test split, seed 0") == 1, finished.stdout  # printed by rank 0 only
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(written["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+    epochs = torch.load(tmp_path / "run" / "last.pt")["state"]["train_loss"]
+    assert len(epochs) == 4  # R T R R: three recommender epochs, the tokenizer's on top
