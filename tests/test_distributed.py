@@ -259,8 +259,21 @@ def test_fit_on_two_ranks_trains_like_one_process(tmp_path):
     assert (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "curves.png").exists()
 
 
-def test_torchrun_trains_tiger_with_soda_from_the_command_line(tmp_path, monkeypatch):
-    """Two gloo ranks through the CLI, as the README runs it: rank 0 alone writes and prints."""
+# gloo on two CPU processes; NCCL on every GPU there is (one on the lent GPU machines), Triton kernels
+LAUNCHES = [
+    ("cpu", WORLD, "torch"),
+    pytest.param(
+        "cuda",
+        max(torch.cuda.device_count(), 1),
+        "triton",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device, ranks, backend", LAUNCHES)
+def test_torchrun_trains_tiger_with_soda_from_the_command_line(tmp_path, monkeypatch, device, ranks, backend):
+    """torchrun through the CLI, as the README runs it: rank 0 alone writes and prints."""
     data = tmp_path / "data"
     data.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -280,10 +293,10 @@ def test_torchrun_trains_tiger_with_soda_from_the_command_line(tmp_path, monkeyp
     path = embeddings_path("toy", texts)
     path.parent.mkdir(parents=True)
     torch.save(torch.randn(len(texts), 32, generator=generator), path)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    command += ["-m", "soda", "train", "--backbone", "tiger", "--soda", "--soda-backend", "torch"]
-    command += ["--dataset", "toy", "--data-dir", str(data), "--preset", "cpu", "--epochs", "3", "--device", "cpu"]
+    command += ["-m", "soda", "train", "--backbone", "tiger", "--soda", "--soda-backend", backend]
+    command += ["--dataset", "toy", "--data-dir", str(data), "--preset", "cpu", "--epochs", "3", "--device", device]
     command += ["--out", str(tmp_path / "run")]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-4000:]
