@@ -312,9 +312,11 @@ def train_generative(
         train = replace(train, epochs=model.schedule.epochs(train.epochs))
     result = fit(model, split, train, out_dir, device, resume, seed, {"rq-vae loss": saved["losses"]})
     result["tokenizer"] = saved["stats"]
-    if joint:  # the codes the tokenizer ended with
+    if joint:  # the codes the tokenizer ended with, and the share of items whose codes it moved
         final_ids = model.tokenizer.semantic_ids(model.item_embeddings)
         result["tokenizer_final"] = codebook_stats(final_ids, config.tokenizer.codebook_size)
+        moved = (final_ids[:, :-1] != saved["semantic_ids"][:, :-1]).any(dim=1)
+        result["tokenizer_final"]["codes_changed"] = moved.float().mean().item()
     write_metrics(out_dir, result)
     return result
 

@@ -143,6 +143,7 @@ def test_tiny_runs_train_through_the_recipe(tiny_recipe, tmp_path, backbone, sod
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["test"] == result["test"]
     assert ("tokenizer_final" in written) == (schedule != "plain")
+    assert ("codes_changed" in written.get("tokenizer_final", {})) == (schedule != "plain")
 
 
 def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, tmp_path, monkeypatch):
