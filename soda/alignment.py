@@ -9,9 +9,9 @@ epoch (``Schedule.phase``):
     final       recommender epochs with the tokenizer frozen (+ Σ weight·alignment)
 
 The recommender trains as many epochs as on a plain backbone; the tokenizer epochs come on top
-(``Schedule.epochs``). After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt. The
-alignment terms (each a module with a ``weight``) see one ``JointBatch``: the encoder states,
-the distinct target items and the tokenizer's quantisation of them. The backbones:
+(``Schedule.epochs``). After a tokenizer epoch the items' semantic IDs are re-derived and the
+trie rebuilt. The alignment terms (each a module with a ``weight``) see one ``JointBatch``: the
+encoder states, the distinct target items and the tokenizer's quantisation of them. The backbones:
 
     TIGER + SODA     [SODA]                       on SODAConfig's schedule   (``SODA``)
     LETTER + SODA    the same, the tokenizer with LETTER's losses            (``SODA``)
