@@ -5,9 +5,10 @@ several seeds on one dataset. ``ablate``: TIGER+SODA with one of the paper's ope
 (in-batch mode, symmetric KL, λ, temperature) changed at a time.
 
 Every finished run leaves a small record, ``results/<dataset>/<preset>/<run>-seed<s>.json``
-(its metrics, configuration and minutes), which is committed with the repository; a
-run whose record exists is skipped, and a stopped run continues from its checkpoint
-under ``--out``. After each run the summary tables are rewritten from all records:
+(its metrics, its tokenizer's code statistics, configuration and minutes), which is
+committed with the repository; a run whose record exists is skipped, and a stopped run
+continues from its checkpoint under ``--out``. After each run the summary tables are
+rewritten from all records:
 
     results/<dataset>.md, .json            experiment: mean ± std over seeds of the test metrics
     results/<dataset>-ablation.md, .json   ablation
@@ -95,6 +96,8 @@ def run_all(
                     "minutes": minutes / len(results),
                     "valid": result["valid"],
                     "test": result["test"],
+                    # the tokenizer's code statistics, before and (joint runs) after training
+                    **{key: result[key] for key in ("tokenizer", "tokenizer_final") if key in result},
                     "config": asdict(run_config),
                 }
                 write_text_atomic(record_path(records_dir, name, seed), json.dumps(record, indent=2))

@@ -23,7 +23,7 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir):
         calls.append((backbone, config.soda is not None, seed))
         assert resume and out_dir.parent == tmp_path / "runs" / "toy" / "cpu"
-        return fake_metrics(rng)
+        return {**fake_metrics(rng), "tokenizer_final": {"codes_changed": rng.random()}}
 
     def train_baselines(dataset, config, out_dir, device, seed, resume, data_dir):
         calls.append(("baselines", False, seed))
@@ -47,6 +47,8 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
         assert row["seeds"] == [0, 1]
         assert row["ndcg@10"]["mean"] == statistics.fmean(values)
         assert row["ndcg@10"]["std"] == statistics.stdev(values)
+    assert "codes_changed" in json.loads((records / "tiger+soda-seed0.json").read_text())["tokenizer_final"]
+    assert "tokenizer_final" not in json.loads((records / "sasrec-seed0.json").read_text())
     table = (tmp_path / "results" / "toy.md").read_text()
     assert "| tiger+soda | 2/2 |" in table and json.loads((tmp_path / "results" / "toy.json").read_text()) == summary
 
