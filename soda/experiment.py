@@ -50,11 +50,12 @@ def experiment_runs(backbones: tuple[str, ...] = BACKBONES) -> list[Run]:
 
 def ablation_runs() -> list[Run]:
     """TIGER+SODA at the defaults, then one open choice changed at a time. The default row
-    is the experiment's "tiger+soda" run, so the two commands share its records."""
+    is the experiment's "tiger+soda" run, so the two commands share its records; weight=0
+    is the control: the same alternating schedule with no SODA term."""
     default = SODAConfig()
     variants = [(f"in_batch={mode}", replace(default, in_batch=mode)) for mode in ("users", "both", "mean")]
     variants += [("symmetric", replace(default, symmetric=True))]
-    variants += [(f"weight={w:g}", replace(default, weight=w)) for w in (0.01, 1.0)]
+    variants += [(f"weight={w:g}", replace(default, weight=w)) for w in (0.0, 0.01, 1.0)]
     variants += [(f"temperature={t:g}", replace(default, temperature=t)) for t in (0.5, 2.0)]
     return [Run("tiger+soda", "tiger", default)] + [Run(f"tiger+soda {name}", "tiger", soda) for name, soda in variants]
 
