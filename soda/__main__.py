@@ -7,7 +7,7 @@ python -m soda train --dataset ml-100k --backbone tiger|letter|etegrec [--preset
 python -m soda baselines --dataset ml-100k [--out DIR]
 python -m soda main        # the README's main job: TIGER, MostPop, SASRec on ml-100k, one table
 python -m soda experiment --dataset ml-100k --seeds 3 [--backbones ...] [--results results]
-python -m soda ablate --dataset ml-100k --seeds 1
+python -m soda ablate --dataset ml-100k --seeds 1 [--only RUN ...]
 torchrun --nproc_per_node N -m soda train ...   # data-parallel on N GPUs (soda/distributed.py)
 """
 
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (experiment, ablate):
         command.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1")
         command.add_argument("--results", type=Path, default=Path("results"), help="records and tables")
+        command.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs (the table keeps all)")
     for command, preset, out in (
         (train, "tiger", "runs/tiger"),
         (baselines, "tiger", "runs/baselines"),
@@ -74,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    runs = None
+    if args.command == "experiment":
+        runs = experiment_runs(tuple(args.backbones))
+    elif args.command == "ablate":
+        runs = ablation_runs()
+    if runs is not None and (unknown := set(args.only or ()) - {run.name for run in runs}):
+        parser.error(f"--only: unknown runs {sorted(unknown)}; runs: {', '.join(run.name for run in runs)}")
     config = configure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -87,7 +96,6 @@ def main() -> None:
     )
     start = time.perf_counter()
     if args.command in ("experiment", "ablate"):
-        runs = experiment_runs(tuple(args.backbones)) if args.command == "experiment" else ablation_runs()
         table_name = args.dataset + ("" if args.command == "experiment" else "-ablation")
         label = args.preset + ("" if args.epochs is None else f"-epochs{args.epochs}")  # records of one config
         run_all(
@@ -101,6 +109,7 @@ def main() -> None:
             args.results,
             common["device"],
             args.data_dir,
+            set(args.only) if args.only else None,
         )  # every run resumes; --seed and --resume do not apply
         if distributed.is_main():
             print((args.results / f"{table_name}.md").read_text())

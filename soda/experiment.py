@@ -71,13 +71,17 @@ def run_all(
     results_dir: Path,
     device: torch.device,
     data_dir: str | None = None,
+    only: set[str] | None = None,
 ) -> dict:
     """Run every (run, seed) without a record, seed-major so that each seed completes in turn;
-    rewrite the summary after each run; return it."""
+    rewrite the summary after each run; return it. With ``only``, train just the runs of those
+    names (the summary keeps every row)."""
     records_dir = results_dir / dataset / preset
     records_dir.mkdir(parents=True, exist_ok=True)
     for seed in range(seeds):
         for run in runs:
+            if only is not None and run.name not in only:
+                continue
             if all(record_path(records_dir, name, seed).exists() for name in row_names([run])):
                 continue
             print(f"== {run.name}, seed {seed}", flush=True)

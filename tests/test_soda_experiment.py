@@ -3,9 +3,12 @@
 import json
 import random
 import statistics
+import sys
 
+import pytest
 import torch
 
+from soda import __main__ as soda_main
 from soda import experiment
 from soda.experiment import run_all
 from soda.metrics import METRICS
@@ -58,8 +61,21 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     run_all(runs, *arguments)
     assert calls == [("tiger", False, 1)]
     calls.clear()
+    summary = run_all(runs, *arguments[:4], 3, *arguments[5:], only={"tiger+soda"})
+    assert calls == [("tiger", True, 2)]  # the other runs of seed 2 wait; the table keeps their rows
+    assert summary["rows"]["tiger+soda"]["seeds"] == [0, 1, 2] and summary["rows"]["tiger"]["seeds"] == [0, 1]
+    calls.clear()
     summary = run_all(runs, *arguments[:4], 3, *arguments[5:])
-    assert [seed for _, _, seed in calls] == [2, 2, 2] and summary["rows"]["tiger"]["seeds"] == [0, 1, 2]
+    assert [seed for _, _, seed in calls] == [2, 2] and summary["rows"]["tiger"]["seeds"] == [0, 1, 2]
+
+
+def test_cli_rejects_an_unknown_run_before_training(tmp_path, monkeypatch, capsys):
+    arguments = ["ablate", "--only", "tiger+soda weight=7", "--out", str(tmp_path / "o"), "--results", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["soda", *arguments])
+    with pytest.raises(SystemExit):
+        soda_main.main()
+    assert "--only: unknown runs ['tiger+soda weight=7']" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ablation_changes_one_choice_at_a_time():
