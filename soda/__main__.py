@@ -95,7 +95,7 @@ def main() -> None:
         data_dir=args.data_dir,
     )
     start = time.perf_counter()
-    if args.command in ("experiment", "ablate"):
+    if runs is not None:  # experiment or ablate
         table_name = args.dataset + ("" if args.command == "experiment" else "-ablation")
         label = args.preset + ("" if args.epochs is None else f"-epochs{args.epochs}")  # records of one config
         run_all(
