@@ -10,10 +10,8 @@ Public API (SPEC section 3)::
     sk.gather_in_batch(user, items, positives, item_ids=None, group=None)   # data-parallel in-batch
 """
 
-from .codebook_log_softmax import codebook_log_softmax
+from .api import DistributionalBPRLoss, codebook_log_softmax, distributional_bpr, pairwise_kl
 from .distributed import gather_in_batch
-from .distributional_bpr import DistributionalBPRLoss, distributional_bpr
-from .pairwise_kl import pairwise_kl
 
 __all__ = ["codebook_log_softmax", "pairwise_kl", "distributional_bpr", "DistributionalBPRLoss", "gather_in_batch"]
 __version__ = "0.1.0"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import soda_kernels as sk
-from soda_kernels.codebook_log_softmax import codebook_log_softmax_backward, codebook_log_softmax_op
-from soda_kernels.in_batch_bpr import in_batch_bpr_backward, in_batch_bpr_op
-from soda_kernels.pairwise_kl import pairwise_kl_backward, pairwise_kl_op
-from soda_kernels.sampled_bpr import sampled_bpr_backward, sampled_bpr_op
+from soda_kernels.ops.in_batch_pairs import in_batch_bpr_backward, in_batch_bpr_op
+from soda_kernels.ops.pairwise_kl import pairwise_kl_backward, pairwise_kl_op
+from soda_kernels.ops.sampled_negatives import sampled_bpr_backward, sampled_bpr_op
+from soda_kernels.ops.soft_assignment import codebook_log_softmax_backward, codebook_log_softmax_op
 
 from .utils import DEVICE, make_bpr_inputs, rel_err
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import soda_kernels as sk
-from soda_kernels import in_batch_bpr
+from soda_kernels.ops import in_batch_pairs as in_batch_bpr
 
 from .utils import DEVICE, compare_as_accurately_as_float32, compare_with_reference, make_bpr_inputs
 

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import torch_backend
-from ._triton_utils import FP32_DOT_PRECISION, block_size, project_logit_grad
-from .codebook_log_softmax import codebook_log_softmax_forward
+from .. import torch_backend
+from .common import FP32_DOT_PRECISION, block_size, project_logit_grad
+from .soft_assignment import codebook_log_softmax_forward
 
 # Largest tile side (rows and columns of S) per program; tests lower it to span several tiles.
 MAX_BLOCK_B = 64

@@ -24,10 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_backend
-from ._backend import autocast_off, resolve_backend
-from ._triton_utils import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
-from ._validation import check_float_tensor, check_layer_weights, check_same_device, check_values
+from .common import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
 
 
 @triton.jit
@@ -130,37 +127,3 @@ def _backward(ctx, grad_out):
 
 
 pairwise_kl_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@autocast_off
-def pairwise_kl(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, layer_weights=None, *, backend: str = "auto",
-    validate: bool = True,
-) -> torch.Tensor:
-    """Layer-weighted KL(softmax(p_logits[i]) || softmax(q_logits[j])) for every pair (i, j).
-
-    Args:
-        p_logits: (M, L, K) unnormalised logits.
-        q_logits: (B, L, K) unnormalised logits.
-        layer_weights: None (all ones), or L non-negative weights.
-        backend: "auto", "triton" or "torch".
-        validate: check the layer-weight values (finite, >= 0), a host synchronisation; pass False
-            for trusted inputs in a hot loop. Skipped while ``torch.compile`` traces.
-
-    Returns:
-        (M, B) float32 (float64 for float64 inputs).
-    """
-    check_float_tensor("p_logits", p_logits, 3, "M, L, K")
-    check_float_tensor("q_logits", q_logits, 3, "B, L, K")
-    if p_logits.shape[1:] != q_logits.shape[1:]:
-        raise ValueError(
-            f"p_logits (M, L, K) and q_logits (B, L, K) must agree on L and K, got "
-            f"{tuple(p_logits.shape)} and {tuple(q_logits.shape)}"
-        )
-    if p_logits.shape[2] < 2:
-        raise ValueError(f"p_logits must have K >= 2 codes, got K={p_logits.shape[2]}")
-    device = check_same_device(p_logits=p_logits, q_logits=q_logits)
-    weights = check_layer_weights(layer_weights, p_logits.shape[1], device, check_values(validate))
-    if resolve_backend(backend, p_logits=p_logits, q_logits=q_logits) == "torch":
-        return torch_backend.pairwise_kl(p_logits, q_logits, weights)
-    return pairwise_kl_op(p_logits, q_logits, weights.contiguous())

@@ -15,16 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_backend
-from ._backend import autocast_off, resolve_backend
-from ._triton_utils import (
+from .common import (
     FP32_DOT_PRECISION,
     block_size,
     codebook_logits_tile,
     project_logit_grad,
     row_log_sum_exp,
 )
-from ._validation import check_codebooks, check_residuals, check_same_device, check_temperature
 
 
 @triton.jit
@@ -105,27 +102,3 @@ def _backward(ctx, grad_log_probs):
 
 
 codebook_log_softmax_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@autocast_off
-def codebook_log_softmax(
-    x: torch.Tensor, codebooks: torch.Tensor, temperature: float = 1.0, *, backend: str = "auto"
-) -> torch.Tensor:
-    """Log soft assignment of per-layer residuals to their layer's codewords.
-
-    Args:
-        x: (N, L, d) residuals, float32 / bfloat16 / float16 (float64 on the torch backend).
-        codebooks: (L, K, d) codewords.
-        temperature: tau > 0.
-        backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
-
-    Returns:
-        (N, L, K) float32 (float64 for float64 inputs): log softmax_k(-||x[n,l] - C[l,k]||^2 / tau).
-    """
-    num_layers, _, dim = check_codebooks(codebooks)
-    check_residuals("x", x, num_layers, dim, "N")
-    check_same_device(x=x, codebooks=codebooks)
-    tau = check_temperature("temperature", temperature)
-    if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
-        return torch_backend.codebook_log_softmax(x, codebooks, tau)
-    return codebook_log_softmax_op(x, codebooks, tau)

@@ -1,4 +1,6 @@
-"""Distributional BPR: rank a user's target item by negative KL between code distributions.
+"""The public API: argument checks, the backend choice, and the op of each function.
+
+Distributional BPR ranks a user's target item by negative KL between code distributions:
 
     P_n^l = softmax_k(-||items[n,l] - C[l,k]||^2 / tau)          item n, layer l
     Q_b^l = softmax_k(-||user[b,l] - C[l,k]||^2 / tau_u)         (or softmax(user[b,l]) for logits)
@@ -21,9 +23,78 @@ from torch import nn
 
 from . import torch_backend
 from ._backend import autocast_off, resolve_backend
-from ._validation import check_distributional_bpr
-from .in_batch_bpr import in_batch_bpr
-from .sampled_bpr import sampled_bpr
+from ._validation import (
+    check_codebooks,
+    check_distributional_bpr,
+    check_float_tensor,
+    check_layer_weights,
+    check_residuals,
+    check_same_device,
+    check_temperature,
+    check_values,
+)
+from .ops.in_batch_pairs import in_batch_bpr
+from .ops.pairwise_kl import pairwise_kl_op
+from .ops.sampled_negatives import sampled_bpr
+from .ops.soft_assignment import codebook_log_softmax_op
+
+
+@autocast_off
+def codebook_log_softmax(
+    x: torch.Tensor, codebooks: torch.Tensor, temperature: float = 1.0, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Log soft assignment of per-layer residuals to their layer's codewords.
+
+    Args:
+        x: (N, L, d) residuals, float32 / bfloat16 / float16 (float64 on the torch backend).
+        codebooks: (L, K, d) codewords.
+        temperature: tau > 0.
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        (N, L, K) float32 (float64 for float64 inputs): log softmax_k(-||x[n,l] - C[l,k]||^2 / tau).
+    """
+    num_layers, _, dim = check_codebooks(codebooks)
+    check_residuals("x", x, num_layers, dim, "N")
+    check_same_device(x=x, codebooks=codebooks)
+    tau = check_temperature("temperature", temperature)
+    if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
+        return torch_backend.codebook_log_softmax(x, codebooks, tau)
+    return codebook_log_softmax_op(x, codebooks, tau)
+
+
+@autocast_off
+def pairwise_kl(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, layer_weights=None, *, backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Layer-weighted KL(softmax(p_logits[i]) || softmax(q_logits[j])) for every pair (i, j).
+
+    Args:
+        p_logits: (M, L, K) unnormalised logits.
+        q_logits: (B, L, K) unnormalised logits.
+        layer_weights: None (all ones), or L non-negative weights.
+        backend: "auto", "triton" or "torch".
+        validate: check the layer-weight values (finite, >= 0), a host synchronisation; pass False
+            for trusted inputs in a hot loop. Skipped while ``torch.compile`` traces.
+
+    Returns:
+        (M, B) float32 (float64 for float64 inputs).
+    """
+    check_float_tensor("p_logits", p_logits, 3, "M, L, K")
+    check_float_tensor("q_logits", q_logits, 3, "B, L, K")
+    if p_logits.shape[1:] != q_logits.shape[1:]:
+        raise ValueError(
+            f"p_logits (M, L, K) and q_logits (B, L, K) must agree on L and K, got "
+            f"{tuple(p_logits.shape)} and {tuple(q_logits.shape)}"
+        )
+    if p_logits.shape[2] < 2:
+        raise ValueError(f"p_logits must have K >= 2 codes, got K={p_logits.shape[2]}")
+    device = check_same_device(p_logits=p_logits, q_logits=q_logits)
+    weights = check_layer_weights(layer_weights, p_logits.shape[1], device, check_values(validate))
+    if resolve_backend(backend, p_logits=p_logits, q_logits=q_logits) == "torch":
+        return torch_backend.pairwise_kl(p_logits, q_logits, weights)
+    return pairwise_kl_op(p_logits, q_logits, weights.contiguous())
 
 
 @autocast_off

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch_backend
-from ._triton_utils import (
+from .. import torch_backend
+from .common import (
     FP32_DOT_PRECISION,
     block_size,
     distribution_logits_tile,
