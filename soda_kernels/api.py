@@ -33,7 +33,8 @@ from ._validation import (
     check_temperature,
     check_values,
 )
-from .ops.in_batch_pairs import in_batch_bpr
+from .ops.in_batch_mean import in_batch_bpr as in_batch_mean
+from .ops.in_batch_pairs import in_batch_pairs
 from .ops.pairwise_kl import pairwise_kl_op
 from .ops.sampled_negatives import sampled_bpr
 from .ops.soft_assignment import codebook_log_softmax_op
@@ -154,7 +155,9 @@ def distributional_bpr(
         )
     if negatives is not None:
         return sampled_bpr(user, items, codebooks, positives, negatives, **options)
-    return in_batch_bpr(user, items, codebooks, positives, in_batch=in_batch, **options)
+    if in_batch == "mean":
+        return in_batch_mean(user, items, codebooks, positives, in_batch=in_batch, **options)
+    return in_batch_pairs(user, items, codebooks, positives, in_batch=in_batch, **options)
 
 
 class DistributionalBPRLoss(nn.Module):

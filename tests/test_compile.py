@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import soda_kernels as sk
-from soda_kernels.ops.in_batch_pairs import in_batch_bpr_backward, in_batch_bpr_op
+from soda_kernels.ops.in_batch_mean import in_batch_bpr_backward, in_batch_bpr_op
+from soda_kernels.ops.in_batch_pairs import in_batch_pairs_backward, in_batch_pairs_op
 from soda_kernels.ops.pairwise_kl import pairwise_kl_backward, pairwise_kl_op
 from soda_kernels.ops.sampled_negatives import sampled_bpr_backward, sampled_bpr_op
 from soda_kernels.ops.soft_assignment import codebook_log_softmax_backward, codebook_log_softmax_op
@@ -40,12 +41,16 @@ def _opcheck_cases():
         (sampled_bpr_backward, (_randn(4), user, items, codebooks, samples, weights, pair_scores,
                                 False, True, 0.5, 0.7)),
     ]
-    for mode, reduction in (("both", "mean"), ("mean", "none")):
-        options = (mode, False, False, 0.5, 0.7, reduction)
-        row_counts = in_batch_bpr_op(*in_batch, *options)[1]
-        grad = _randn(*(() if reduction == "mean" else (4,)))
-        cases += [(in_batch_bpr_op, (*in_batch, *options)),
-                  (in_batch_bpr_backward, (grad, *in_batch, row_counts, *options))]
+    for mode, reduction, symmetric in (("both", "mean", False), ("items", "none", True), ("users", "sum", False)):
+        options = (mode, False, symmetric, 0.5, 0.7, reduction)
+        _, counts, total = in_batch_pairs_op(*in_batch, *options)
+        grad = _randn(*(() if reduction != "none" else (4,)))
+        cases += [(in_batch_pairs_op, (*in_batch, *options)),
+                  (in_batch_pairs_backward, (grad, *in_batch, counts, total, *options))]
+    options = ("mean", False, False, 0.5, 0.7, "none")
+    row_counts = in_batch_bpr_op(*in_batch, *options)[1]
+    cases += [(in_batch_bpr_op, (*in_batch, *options)),
+              (in_batch_bpr_backward, (_randn(4), *in_batch, row_counts, *options))]
     return cases
 
 

@@ -1,15 +1,34 @@
-"""Pieces every Triton op shares: the codebook logits tile, launch settings, and the
-projection of logit gradients onto residuals and codebooks.
+"""What every Triton op of the package shares: precision, launch settings, the tile helpers and
+the two finishing kernels.
 
-Distance logits by the expansion (the ||x||^2 term cancels in every softmax):
+Layouts. The ops make their inputs contiguous first (a copy only where one is not), so the
+kernels take bare pointers: residuals (R, L, d), logits (R, L, K) and codebooks (L, K, d),
+row-major. A helper that works on one layer takes pointers already moved to that layer
+(``x_ptr + layer * dim``, ``c_ptr + layer * num_codes * dim``) and the row stride (L d or L K).
 
-    a_k = -||x - C_k||^2 / tau  ~  (2 x.C_k - ||C_k||^2) / tau
+Codebook logits by the expansion (the ||x||^2 term cancels in every softmax over k):
 
-and their gradients, for g = dLoss/da (a row of K values):
+    a_k = -||x - C_k||^2 / tau  ~  (2 x . C_k - ||C_k||^2) / tau
 
-    dLoss/dx   = (2/tau) sum_k g_k C_k           (the -||x||^2/tau term contributes -(2/tau) x sum_k g_k,
-                                                   which vanishes since every g here sums to 0 over k)
-    dLoss/dC_k = (2/tau) g_k (x - C_k)
+and, for a logit gradient g = dLoss/da (one row of K values summing to 0 over k, as every
+log-softmax backward leaves it), the gradients of the residual and the codewords:
+
+    dLoss/dx   = (2/tau) sum_k g_k C_k         (the -||x||^2/tau term adds -(2/tau) x sum_k g_k = 0)
+    dLoss/dC_k = (2/tau) g_k (x - C_k)          = (2/tau) (g_k x - g_k C_k)
+
+``project_logit_grad`` is that pair for a tile of rows and codes; the codeword part is a
+per-program partial that ``sum_partials`` adds up in a fixed order, so gradients are
+deterministic without atomics.
+
+Precision. Products of 16-bit residuals and codebooks enter ``tl.dot`` natively (exact products,
+float32 accumulation). Float32 operands use ``LOGIT_PRECISION`` ("tf32x3": three tf32
+tensor-core products, about float32's accuracy) where a product feeds a logit or a gradient
+projection, since the 2/tau factor and the cancellation in x - C_k amplify its error, and
+``SCORE_PRECISION`` ("bf16x3", the bf16 tensor-core rate) for the score-sized products of the
+in-batch op (its operands are log-probabilities and probabilities: measured relative error of
+the scores 2e-6 at the benchmark's headline shape, of the loss 1e-7; ``bench/precision.py``).
+``SODA_FP32_DOT_PRECISION`` = ieee / tf32x3 / bf16x3 / tf32, set before import, forces one
+precision for every float32 product. The interpreter computes every float32 dot in float32.
 """
 
 from __future__ import annotations
@@ -20,110 +39,192 @@ import torch
 import triton
 import triton.language as tl
 
-# Precision of tl.dot on float32 operands, chosen once per process with SODA_FP32_DOT_PRECISION
-# (before import). "tf32x3" (the default) splits each operand into a tf32 high and low part and
-# sums three tensor-core products: float32-level accuracy (about 5e-6 relative on the in-batch
-# scores, well inside the 1e-4 target) at several times the speed of "ieee" (plain float32 FMAs,
-# no tensor cores). "tf32" (a single tensor-core product, about 1e-3) is faster still but breaks
-# the float32 target: an explicit opt-in. The interpreter computes every dot in float32.
-FP32_DOT_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION", "tf32x3")
-if FP32_DOT_PRECISION not in ("ieee", "tf32x3", "tf32"):
-    raise ValueError(f"SODA_FP32_DOT_PRECISION must be ieee, tf32x3 or tf32, got {FP32_DOT_PRECISION!r}")
+# Chosen by the environment, not by the tensors' device, so that a CPU process can compile the
+# CUDA configuration (python -m bench.static) while the interpreter runs the CPU tests.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# bfloat16 / float16 residuals and codebooks go into tl.dot as they are on the GPU (their products
-# are exact in float32, so this only gains speed). The Triton interpreter mis-computes bfloat16
-# dots, so there they are upcast first.
-NATIVE_16BIT_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_FORCED_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION")
+if _FORCED_PRECISION not in (None, "ieee", "tf32x3", "bf16x3", "tf32"):
+    raise ValueError(f"SODA_FP32_DOT_PRECISION must be ieee, tf32x3, bf16x3 or tf32, got {_FORCED_PRECISION!r}")
 
 
-def block_size(n: int, low: int = 16, high: int = 128) -> int:
-    """Power-of-two tile covering ``n`` within [low, high] (tl.dot needs at least 16)."""
-    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+def _precision(default: str) -> str:
+    if INTERPRETER:
+        return "ieee"  # the interpreter knows neither bf16x3 nor tensor cores: float32 throughout
+    return _FORCED_PRECISION or default
+
+
+LOGIT_PRECISION = _precision("tf32x3")
+SCORE_PRECISION = _precision("bf16x3")
+
+# bfloat16 / float16 tiles go into tl.dot as they are on the GPU; the interpreter mis-computes
+# 16-bit dots, so there they are upcast to float32 first.
+NATIVE_16BIT_DOT = tl.constexpr(not INTERPRETER)
+
+
+def operand_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Storage of the in-batch score operands (log-probabilities, probabilities): bfloat16 for
+    16-bit inputs (the loss within about 3e-5 of float64 at the headline shape, bf16's range so
+    that no extreme logit overflows), float32 for float32 inputs (multiplied as bf16x3)."""
+    return torch.float32 if input_dtype == torch.float32 else torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch settings: every kernel's tile sizes, num_warps and num_stages come from here.
+
+
+def _pow2(n: int, low: int = 16, high: int | None = None) -> int:
+    """The power of two covering ``n``, at least ``low`` (tl.dot needs 16) and at most ``high``."""
+    size = max(low, triton.next_power_of_2(max(int(n), 1)))
+    return size if high is None else min(size, high)
+
+
+def launch_config(kind: str, **sizes: int) -> dict:
+    """Constexpr tile sizes and ``num_warps`` / ``num_stages`` of one kernel family, from the
+    problem size; the interpreter (CPU tests) gets small fixed tiles, so test shapes of a few
+    dozen rows already span several tiles in every direction.
+
+    kinds and their sizes:
+      "rows"    (codes, dim, wide): a block of rows, one layer, K in tiles (prologues, epilogues);
+                d in BLOCK_D chunks for the logits, whole (BLOCK_DIM) for the residual gradients;
+                ``wide``: float32 operands
+      "scores"  (features, wide): in-batch score tiles, forward
+      "grads"   (features, wide): in-batch score tiles, backward (and the width of a gradient chunk)
+      "reduce"  (): one-program reductions over B
+      "partials" (): elementwise sums of per-program partials
+      "match"   (width): rows summed over equal indices
+    """
+    if kind == "rows":
+        block_dim = _pow2(sizes["dim"])
+        block_d = min(block_dim, 32 if sizes["wide"] else 64)
+        if INTERPRETER:
+            return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d, BLOCK_DIM=block_dim)
+        # the residual-gradient tiles (rows, d) and (codes, d) stay near 4K float32 elements each
+        block_r = max(16, min(64, 4096 // block_dim))
+        block_k = max(16, min(_pow2(sizes["codes"], high=32), 4096 // block_dim))
+        return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DIM=block_dim, num_warps=8,
+                    num_stages=2)
+    if kind == "scores":
+        if INTERPRETER:
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32)
+        if sizes["wide"]:  # float32 operands in bf16x3: twice the bytes and three products a tile
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_F=64, num_warps=8, num_stages=3)
+    if kind == "grads":
+        if INTERPRETER:
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32, BLOCK_G=32)
+        # a (BLOCK_M, BLOCK_G) float32 gradient chunk on chip; S is recomputed once per chunk
+        if sizes["wide"]:
+            return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_F=32, BLOCK_G=_pow2(sizes["features"], high=128),
+                        num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=64, BLOCK_G=_pow2(sizes["features"], high=256),
+                    num_warps=8, num_stages=3)
+    if kind == "reduce":
+        return dict(BLOCK=64) if INTERPRETER else dict(BLOCK=1024, num_warps=8)
+    if kind == "partials":
+        return dict(BLOCK=256) if INTERPRETER else dict(BLOCK=1024, num_warps=4)
+    if kind == "match":
+        if INTERPRETER:
+            return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_W=_pow2(sizes["width"], high=64))
+        return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_W=_pow2(sizes["width"], high=64), num_warps=4)
+    raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile helpers.
 
 
 @triton.jit
-def codebook_logits_tile(
-    x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd,
-    c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-    dim, inv_temperature,
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
+    e = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + e^-x) from e^-|x|, which never overflows."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def mma(x, y, acc, PRECISION: tl.constexpr):
+    """acc + x @ y for same-dtype tiles: 16-bit tiles natively on the GPU (upcast in the
+    interpreter, which mis-computes 16-bit dots), float32 ones at ``PRECISION``."""
+    if NATIVE_16BIT_DOT and x.dtype != tl.float32:
+        return tl.dot(x, y, acc)
+    return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def load_rows(ptr, row_stride, rows, row_mask, width, BLOCK_W: tl.constexpr):
+    """A (rows, BLOCK_W) tile of a row-major table, row r at ptr + r * row_stride, 0 outside
+    ``row_mask`` and past ``width`` columns; in the table's dtype."""
+    offs = tl.arange(0, BLOCK_W)
+    return tl.load(ptr + rows[:, None] * row_stride + offs[None, :], mask=row_mask[:, None] & (offs < width)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def codebook_logits(
+    x_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """(2 x[rows, layer] . C[layer, codes] - ||C[layer, codes]||^2) / tau as a (BLOCK_R, BLOCK_K)
-    float32 tile; masked codes hold -inf, so they vanish from every softmax."""
+    """(2 x[rows] . C[codes] - ||C[codes]||^2) / tau, a (BLOCK_R, BLOCK_K) float32 tile, -inf on
+    masked codes (so that they vanish from every softmax), accumulated over d in BLOCK_D chunks.
+
+    x_ptr: the residuals of one layer, row r at x_ptr + r * row_stride (d contiguous values);
+    c_ptr: that layer's codebook (K, d); rows (BLOCK_R,), codes (BLOCK_K,) with their masks.
+    """
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     squared_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    x_base = x_ptr + rows[:, None] * stride_xn + layer * stride_xl
-    c_base = c_ptr + layer * stride_cl + codes[None, :] * stride_ck
     for d_start in range(0, dim, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < dim
-        x = tl.load(x_base + offs_d[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        c = tl.load(c_base + offs_d[:, None] * stride_cd, mask=d_mask[:, None] & code_mask[None, :], other=0.0)
-        if NATIVE_16BIT_DOT and x.dtype == c.dtype and x.dtype != tl.float32:
-            acc = tl.dot(x, c, acc)  # 16-bit operands: exact products, float32 accumulation
+        x = load_rows(x_ptr + d_start, row_stride, rows, row_mask, dim - d_start, BLOCK_D)
+        c = load_rows(c_ptr + d_start, dim, codes, code_mask, dim - d_start, BLOCK_D)
+        if x.dtype == c.dtype:
+            acc = mma(x, tl.trans(c), acc, PRECISION)
         else:
-            acc = tl.dot(x.to(tl.float32), c.to(tl.float32), acc, input_precision=PRECISION)
+            acc = tl.dot(x.to(tl.float32), tl.trans(c.to(tl.float32)), acc, input_precision=PRECISION)
         c = c.to(tl.float32)
-        squared_norm += tl.sum(c * c, axis=0)
+        squared_norm += tl.sum(c * c, axis=1)
     logits = (2.0 * acc - squared_norm[None, :]) * inv_temperature
     return tl.where(code_mask[None, :], logits, float("-inf"))
 
 
-def project_logit_grad(grad_logits: torch.Tensor, x: torch.Tensor, codebooks: torch.Tensor, temperature: float):
-    """Gradients of residuals and codebooks from dLoss/da, with a = codebook logits of x.
-
-    grad_logits (R, L, K) float32 (each row summing to 0 over K), x (R, L, d) -> dx (R, L, d) float32,
-    dC (L, K, d) float32, both contiguous (custom-op outputs need strides their fake impls can state).
-    Plain batched matrix products: deterministic.
-    """
-    scale = 2.0 / temperature
-    x32, c32 = x.float(), codebooks.float()
-    grad_x = scale * torch.einsum("rlk,lkd->rld", grad_logits, c32)
-    grad_c = scale * (torch.einsum("rlk,rld->lkd", grad_logits, x32) - grad_logits.sum(0)[..., None] * c32)
-    return grad_x.contiguous(), grad_c.contiguous()
-
-
 @triton.jit
-def distribution_logits_tile(
-    src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-    c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-    dim, inv_temperature,
+def layer_logits(
+    src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
     FROM_LOGITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Logits of one side's code distributions, (BLOCK_R, BLOCK_K) float32, -inf on masked codes:
-    read as given (FROM_LOGITS, src (R, L, K)) or as codebook distance logits (src (R, L, d))."""
+    """One K tile of a layer's logits, (BLOCK_R, BLOCK_K) float32, -inf on masked codes: read
+    from src_ptr (the layer's logits, K contiguous values a row) when FROM_LOGITS, else the
+    codebook logits of the residuals at src_ptr (c_ptr: the layer's codebook (K, d))."""
     if FROM_LOGITS:
-        ptrs = src_ptr + rows[:, None] * stride_sn + layer * stride_sl + codes[None, :] * stride_sd
-        logits = tl.load(ptrs, mask=row_mask[:, None] & code_mask[None, :], other=0.0).to(tl.float32)
+        logits = tl.load(src_ptr + rows[:, None] * row_stride + codes[None, :],
+                         mask=row_mask[:, None] & code_mask[None, :], other=0.0).to(tl.float32)
         logits = tl.where(code_mask[None, :], logits, float("-inf"))
     else:
-        logits = codebook_logits_tile(
-            src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-            c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
+        logits = codebook_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim,
+                                 inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
     return logits
 
 
 @triton.jit
-def row_log_sum_exp(
-    src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-    c_ptr, layer, stride_cl, stride_ck, stride_cd,
-    num_codes, dim, inv_temperature,
+def log_sum_exp(
+    src_ptr, row_stride, rows, row_mask, c_ptr, num_codes, dim, inv_temperature,
     FROM_LOGITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """log sum_k exp(a_k) per row of one layer, (BLOCK_R,): an online log-sum-exp over K tiles."""
+    """log sum_k exp(logit_k) of one layer, (BLOCK_R,) float32: an online log-sum-exp over K tiles
+    (arguments as ``layer_logits``)."""
     running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_R,), tl.float32)
     for k_start in range(0, num_codes, BLOCK_K):
         codes = k_start + tl.arange(0, BLOCK_K)
-        logits = distribution_logits_tile(
-            src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-            c_ptr, layer, codes, codes < num_codes, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
+        logits = layer_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, codes < num_codes, dim,
+                              inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         running_max = new_max
@@ -131,60 +232,90 @@ def row_log_sum_exp(
 
 
 @triton.jit
-def _distribution_stats_kernel(
-    src_ptr, stride_sn, stride_sl, stride_sd, index_ptr,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    lse_ptr, negent_ptr,
-    num_rows, num_codes, dim, inv_temperature,
-    FROM_LOGITS: tl.constexpr, GATHER: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+def project_logit_grad(grad_logits, x, c, PRECISION: tl.constexpr):
+    """The residual and codeword gradients of one (rows, codes) tile of a layer's logit gradient,
+    up to the factor 2 / tau: (g c, g^T x - (sum_r g) c), (BLOCK_R, BLOCK_DIM) and (BLOCK_K,
+    BLOCK_DIM) float32. The caller sums the first over its K tiles into the residual gradient and
+    stores the second as its partial of the codebook gradient.
+
+    grad_logits (BLOCK_R, BLOCK_K) float32, 0 on masked rows and codes; x (BLOCK_R, BLOCK_DIM)
+    and c (BLOCK_K, BLOCK_DIM) the rows' residuals and the codewords, d whole (zero-padded).
+    Float32 products at ``PRECISION`` whatever the input dtype: x - c may cancel, and these
+    products are small.
+    """
+    x = x.to(tl.float32)
+    c = c.to(tl.float32)
+    grad_x = tl.dot(grad_logits, c, input_precision=PRECISION)
+    grad_c = tl.dot(tl.trans(grad_logits), x, input_precision=PRECISION) - tl.sum(grad_logits, axis=0)[:, None] * c
+    return grad_x, grad_c
+
+
+# ----------------------------------------------------------------------------------------------
+# Finishing kernels shared by the ops.
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, num_partials, size, BLOCK: tl.constexpr):
+    """out[e] = sum_p partial[p, e] in the order p = 0, 1, ..., cast to out's dtype.
+
+    partial_ptr: (num_partials, size) float32; out_ptr: (size,) in the gradient's dtype.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    total = tl.zeros((BLOCK,), tl.float32)
+    for p in range(0, num_partials):
+        total += tl.load(partial_ptr + p * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, *shape) float32 per-program partials -> their sum (*shape) in ``dtype``, deterministic."""
+    out = torch.empty(partials.shape[1:], dtype=dtype, device=partials.device)
+    size = out.numel()
+    config = launch_config("partials")
+    _sum_partials_kernel[(triton.cdiv(size, config["BLOCK"]),)](partials, out, partials.shape[0], size, **config)
+    return out
+
+
+@triton.jit
+def _sum_rows_by_index_kernel(
+    rows_ptr, index_ptr, out_ptr, num_rows, width,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Per (row, layer): lse = log sum_k exp(a_k) and negent = sum_k p_k log p_k = sum_k p_k a_k - lse.
+    """out[index[r]] = sum of rows[r'] over every r' with index[r'] == index[r], written once, by
+    the first such r, for the columns of this program's width block.
 
-    Pass 1 is an online log-sum-exp over K tiles; pass 2 recomputes each tile for sum_k p_k a_k.
-    Row r reads source row index[r] when GATHER.
+    rows_ptr: (num_rows, width) float32; index_ptr: (num_rows,) int64; out_ptr: (num_targets,
+    width) in the gradient's dtype, rows no index names left as they are. The sum over a block of
+    candidate rows is a product with the 0/1 match matrix in float32 FMAs ("ieee": exact products),
+    taken only for the blocks that hold a match, so the order of the additions is fixed.
     """
-    layer = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = offs < num_rows
-    rows = tl.load(index_ptr + offs, mask=row_mask, other=0).to(tl.int64) if GATHER else offs
-    lse = row_log_sum_exp(
-        src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd, c_ptr, layer, stride_cl, stride_ck, stride_cd,
-        num_codes, dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-    )
-    expected_logit = tl.zeros((BLOCK_R,), tl.float32)
-    for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < num_codes
-        logits = distribution_logits_tile(
-            src_ptr, rows, row_mask, stride_sn, stride_sl, stride_sd,
-            c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        finite_logits = tl.where(code_mask[None, :], logits, 0.0)
-        expected_logit += tl.sum(tl.exp(logits - lse[:, None]) * finite_logits, axis=1)
-    tl.store(lse_ptr + offs * tl.num_programs(1) + layer, lse, mask=row_mask)
-    tl.store(negent_ptr + offs * tl.num_programs(1) + layer, expected_logit - lse, mask=row_mask)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    columns = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_mask, column_mask = rows < num_rows, columns < width
+    index = tl.load(index_ptr + rows, mask=row_mask, other=-1)
+    first = row_mask
+    total = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
+    for start in range(0, num_rows, BLOCK_C):
+        others = start + tl.arange(0, BLOCK_C)
+        other_mask = others < num_rows
+        other_index = tl.load(index_ptr + others, mask=other_mask, other=-2)
+        match = (index[:, None] == other_index[None, :]) & row_mask[:, None] & other_mask[None, :]
+        first = first & (tl.max((match & (others[None, :] < rows[:, None])).to(tl.int32), axis=1) == 0)
+        if tl.max(match.to(tl.int32)) > 0:
+            values = tl.load(rows_ptr + others[:, None] * width + columns[None, :],
+                             mask=other_mask[:, None] & column_mask[None, :], other=0.0)
+            total = tl.dot(match.to(tl.float32), values, total, input_precision="ieee")
+    out = out_ptr + index[:, None] * width + columns[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=first[:, None] & column_mask[None, :])
 
 
-def distribution_stats(source: torch.Tensor, codebooks: torch.Tensor, temperature: float,
-                       from_logits: bool, index: torch.Tensor | None = None):
-    """Per-row, per-layer (lse, sum_k p log p) of a side's distributions, each (R, L) float32.
-
-    source: (N, L, d) residuals soft-assigned through ``codebooks`` at ``temperature``, or
-    (N, L, K) logits when ``from_logits``; rows are source[index] when ``index`` (R,) is given.
-    """
-    num_layers, num_codes = codebooks.shape[0], codebooks.shape[1]
-    num_rows = source.shape[0] if index is None else index.shape[0]
-    lse = torch.empty((num_rows, num_layers), dtype=torch.float32, device=source.device)
-    negent = torch.empty_like(lse)
-    block_r = block_size(num_rows, high=64)
-    _distribution_stats_kernel[(triton.cdiv(num_rows, block_r), num_layers)](
-        source, *source.stride(), source if index is None else index,
-        codebooks, *codebooks.stride(), lse, negent,
-        num_rows, num_codes, codebooks.shape[2], 1.0 / temperature,
-        FROM_LOGITS=from_logits, GATHER=index is not None,
-        BLOCK_R=block_r, BLOCK_K=block_size(num_codes), BLOCK_D=block_size(codebooks.shape[2], high=64),
-        PRECISION=FP32_DOT_PRECISION,
-    )
-    return lse, negent
+def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int, dtype: torch.dtype) -> torch.Tensor:
+    """out (num_targets, *row_shape) in ``dtype``: out[n] = sum of rows[r] over index[r] == n, zero
+    where no index is n; deterministic. rows (R, *row_shape) float32 contiguous, index (R,) int64."""
+    width = rows[0].numel()
+    out = torch.zeros((num_targets, *rows.shape[1:]), dtype=dtype, device=rows.device)
+    config = launch_config("match", width=width)
+    grid = (triton.cdiv(rows.shape[0], config["BLOCK_R"]), triton.cdiv(width, config["BLOCK_W"]))
+    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], width, **config)
+    return out

@@ -1,454 +1,617 @@
-"""Fused in-batch distributional BPR (``negatives=None``): the B x B score matrix streamed like attention.
+"""In-batch distributional BPR against the other rows ("items", "users", "both"), FlashAttention-2
+style: a prologue, one streaming kernel forward, a row-direction and a column-direction pass
+backward, an epilogue; nothing of B x B is ever stored.
 
-Per row b, Q_b = the user's code distributions and P_b = those of its positive item pos[b]
-(both (L, K)). Over the concatenated (layer, code) axis of F = L K (2 L K when symmetric)
-features the score matrix S[b, m] = s(b, pos[m]) is one matrix product plus row/column terms:
+Scores. Row b has a user with code distributions Q_b (its layers Q_b^l over K codes) and a
+positive item pos[b] with P_b. Over the concatenated (layer, code) axis of F = L K features
+(2 L K when symmetric) the score matrix S[b, m] = s(user b, item pos[m]) is one product:
 
     S = A Bm^T + rb[:, None] + cb[None, :]
-    A[b]  = [w logQ_b, (w Q_b)]      Bm[m] = [P_m, (log P_m)]      (bracketed: symmetric only)
-    rb[b] = (-sum_l w_l Q_b^l . log Q_b^l)    cb[m] = -sum_l w_l P_m^l . log P_m^l
+    A[b]  = [w logQ_b, (w Q_b)]          Bm[m] = [P_m, (log P_m)]          (bracketed: symmetric)
+    rb[b] = (-sum_l w_l Q_b^l . log Q_b^l)                 cb[m] = -sum_l w_l P_m^l . log P_m^l
 
-The operands A, Bm (B, F) are float32 temporaries built from the log-probabilities, never saved:
-backward rebuilds them. With valid(b, m) = m != b and pos[m] != pos[b], the terms of row b are
+(w_l repeated over layer l's codes). With valid(b, m) = (pos[m] != pos[b]) the terms of row b are
 
-    "items": softplus(S[b, m] - S[b, b])      "users": softplus(S[m, b] - S[b, b])      (valid m)
+    "items": softplus(S[b, m] - S[b, b])     "users": softplus(S[m, b] - S[b, b])     valid m
 
-Each tile of S is computed once per pass and serves both directions: its row sums give the
-"items" terms of its rows, its column sums the "users" terms of its columns. The rows are taken
-in slabs of R rows (a multiple of BLOCK_B, R B <= MAX_SLAB_ELEMENTS unless R = BLOCK_B; R = B / 4
-at B = 4096, so no slab is the whole B x B matrix beyond B = 2048) and every program of a slab
-owns one (BLOCK_B, BLOCK_B) tile. Backward, with
-g_b = dLoss/d(row b's term sum),
+and the loss reduces the per-row term sums t_b over the T_b = (1 or 2) sum_m valid(b, m) terms.
 
-    C[b, m]  = g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users]
-    dS[b, b] = -g_b (sum_m sigmoid(S[b, m] - S[b, b]) [items] + sum_m sigmoid(S[m, b] - S[b, b]) [users])
-    dA = C Bm,  dBm = C^T A,  drb = C 1,  dcb = C^T 1       (valid pairs; the diagonal added after)
+Forward (3 launches): ``_prologue_kernel`` writes A, Bm (B, F) in the operand dtype
+(``operand_dtype``), rb, cb, the diagonal S[b, b] from the same rounded operands, and each
+distribution's log-sum-exp; ``_forward_kernel`` streams the tiles of S, each row block over a
+split of the column tiles, reducing softplus terms per row ("items") into per-split partials and
+per column ("users") into per-row-block partials, with the valid counts; ``_finish_kernel`` adds
+the partials in a fixed order and applies the reduction. Saved for backward: the inputs, the
+counts T_b and their total: O(B).
 
-a kernel writes a slab's rows of C, an (R, B) float32 transient (at most MAX_SLAB_ELEMENTS, 16 MB;
-never saved), and the two products per slab are float32 ``torch.mm`` (cuBLAS; they follow torch's
-float32 matmul precision setting, full float32 by default). So S costs one B x B x F product per
-pass, backward two more. Cross-program sums go through per-program float32 partial buffers
-(a slab's partials are at most R B / BLOCK_B floats) summed by ``torch.sum``, and slabs are added
-in order: no atomics, deterministic. "mean" has one term per row against the in-batch mean user
-distribution (O(B L K), no pairwise matrix): PyTorch ops on temporaries, recomputed in backward,
-which applies their gradient derived by hand (``_mean_log_prob_grads``; the mean's share reaches
-the users through the forward's group sums again). Gradients then go from the operands to the
-log-probabilities, through log-softmax to the logits, and onto residuals and codebooks with
-``project_logit_grad``; item rows are summed over repeated positives by a sort-based
-``index_put_``, so two backward passes are bit-identical.
+Backward (6 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/dS off the diagonal is
+
+    C[b, m] = valid(b, m) (g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users])
+
+and the diagonal collects dS[b, b] = -(sum_m C_items[b, m] + sum_m C_users[m, b]). Then
+
+    dA = C Bm,   dBm = C^T A,   drb = C 1,   dcb = C^T 1       (plus the diagonal's own terms)
+
+``_prologue_kernel`` runs again; ``_backward_kernel`` has two kinds of programs, like
+FlashAttention-2's dQ and dK/dV passes: a row program owns a block of rows and a chunk of F,
+streams every column tile, recomputes S and C on chip and accumulates its chunk of dA (and rb's
+and the diagonal's row sums); a column program does the same for dBm with S^T = Bm A^T, which
+is the row program with the operands, the biases and the roles of "items" and "users" swapped
+(``_stream_other_side`` serves both). No atomics. ``_epilogue_kernel`` adds the diagonal's
+terms and takes each side to its inputs (below); the item rows are summed over repeated
+positives by ``sum_rows_by_index`` and the codebook partials by ``sum_partials``.
+
+Epilogue, one side, one layer, with G = that side's operand gradient (halves G1, G2) and db its
+bias gradient. For the users (r = Q, X1 = w log r, X2 = w r, bias = -w r . log r, symmetric
+only) and the items (r = P, X1 = r, X2 = log r, bias = -w r . log r):
+
+    users: dlog r = w G1 + (w r G2 - w r log r db)        items: dlog r = r G1 - w r log r db + (G2)
+
+(d(-r log r)/dlog r = -r (log r + 1): the -r is a multiple of r, which the log-softmax backward
+removes, so it is dropped.) Then the logit gradient dz = dlog r - r sum_k dlog r_k (two passes
+over K tiles) goes onto the residuals and the codebook by ``project_logit_grad``, or is the
+user gradient itself for ``user_logits=True``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import torch_backend
-from .common import FP32_DOT_PRECISION, block_size, project_logit_grad
-from .soft_assignment import codebook_log_softmax_forward
+from .common import (
+    INTERPRETER,
+    LOGIT_PRECISION,
+    SCORE_PRECISION,
+    launch_config,
+    layer_logits,
+    load_rows,
+    log_sum_exp,
+    mma,
+    operand_dtype,
+    project_logit_grad,
+    sigmoid,
+    softplus,
+    sum_partials,
+    sum_rows_by_index,
+)
 
-# Largest tile side (rows and columns of S) per program; tests lower it to span several tiles.
-MAX_BLOCK_B = 64
-# Most float32 elements of one row slab of C (16 MB); tests lower it to span several slabs.
-MAX_SLAB_ELEMENTS = 2**22
+REDUCTION_PAIRS = {"items": 1, "users": 1, "both": 2}  # terms per valid pair
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
-    e = tl.exp(-tl.abs(x))
-    return tl.maximum(x, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+def row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION: tl.constexpr):
+    """g_b = dLoss/dt_b for rows (BLOCK,): dLoss/dloss scaled by the reduction; 0 on masked rows.
+
+    grad_ptr: () or, for "none", (B,) float32; counts_ptr: (B,) T_b; total_ptr: () sum_b T_b.
+    """
+    if REDUCTION == "none":
+        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        scale = grad / tl.maximum(tl.load(counts_ptr + rows, mask=row_mask, other=1.0), 1.0)
+    elif REDUCTION == "mean":
+        scale = tl.load(grad_ptr) / tl.maximum(tl.load(total_ptr), 1.0) + tl.zeros(rows.shape, tl.float32)
+    else:
+        scale = tl.load(grad_ptr) + tl.zeros(rows.shape, tl.float32)
+    return tl.where(row_mask, scale, 0.0)
 
 
 @triton.jit
-def _sigmoid(x):
-    """1 / (1 + e^-x) from e^-|x|, which never overflows."""
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+def _prologue_kernel(
+    user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr,
+    a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, lse_ptr,
+    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The score operands of a block of rows, both sides.
+
+    user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
+    codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; weights_ptr: (L,) float32.
+    Writes a_ptr, bm_ptr: (B, F) operands in their dtype; rb_ptr, cb_ptr: (B,) biases (rb = 0
+    unless SYMMETRIC); diag_ptr: (B,) S[b, b] = A[b] . Bm[b] + rb[b] + cb[b] with the rounded
+    operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+    user_width = num_codes if USER_LOGITS else dim
+    num_features = num_layers * num_codes * (2 if SYMMETRIC else 1)
+    row_bias = tl.zeros((BLOCK_R,), tl.float32)
+    col_bias = tl.zeros((BLOCK_R,), tl.float32)
+    diag = tl.zeros((BLOCK_R,), tl.float32)
+    for layer in range(0, num_layers):
+        weight = tl.load(weights_ptr + layer)
+        user_layer = user_ptr + layer * user_width
+        item_layer = items_ptr + layer * dim
+        codebook = codebooks_ptr + layer * num_codes * dim
+        lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
+                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_p = log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
+                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        tl.store(lse_ptr + rows * num_layers + layer, lse_q, mask=row_mask)
+        tl.store(lse_ptr + (batch + rows) * num_layers + layer, lse_p, mask=row_mask)
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            tile_mask = row_mask[:, None] & code_mask[None, :]
+            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
+                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            a = layer_logits(item_layer, num_layers * dim, item_rows, row_mask, codebook, codes, code_mask, dim,
+                             inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_q = tl.where(tile_mask, z - lse_q[:, None], 0.0)
+            log_p = tl.where(tile_mask, a - lse_p[:, None], 0.0)
+            q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+            p = tl.where(tile_mask, tl.exp(log_p), 0.0)
+            feature = layer * num_codes + codes[None, :]
+            first_a = (weight * log_q).to(a_ptr.dtype.element_ty)
+            first_bm = p.to(bm_ptr.dtype.element_ty)
+            tl.store(a_ptr + rows[:, None] * num_features + feature, first_a, mask=tile_mask)
+            tl.store(bm_ptr + rows[:, None] * num_features + feature, first_bm, mask=tile_mask)
+            diag += tl.sum(first_a.to(tl.float32) * first_bm.to(tl.float32), axis=1)
+            col_bias -= weight * tl.sum(p * log_p, axis=1)
+            if SYMMETRIC:
+                second = num_layers * num_codes + feature
+                second_a = (weight * q).to(a_ptr.dtype.element_ty)
+                second_bm = log_p.to(bm_ptr.dtype.element_ty)
+                tl.store(a_ptr + rows[:, None] * num_features + second, second_a, mask=tile_mask)
+                tl.store(bm_ptr + rows[:, None] * num_features + second, second_bm, mask=tile_mask)
+                diag += tl.sum(second_a.to(tl.float32) * second_bm.to(tl.float32), axis=1)
+                row_bias -= weight * tl.sum(q * log_q, axis=1)
+    tl.store(rb_ptr + rows, row_bias, mask=row_mask)
+    tl.store(cb_ptr + rows, col_bias, mask=row_mask)
+    tl.store(diag_ptr + rows, diag + row_bias + col_bias, mask=row_mask)
 
 
 @triton.jit
 def _score_tile(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+    own_ptr, other_ptr, own_start, other_start, batch, num_features,
+    BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """This program's tile of S: (row indices, column indices, S tile, valid mask), the tile being
-    rows[i] . cols[j] + row_bias[i] + col_bias[j] for i in row block program_id(0) of the slab
-    starting at slab_start and j in column block program_id(1); valid(i, j) = both in range,
-    j != i and pos[j] != pos[i]."""
-    row = slab_start + tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    col = tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask, col_mask = row < batch, col < batch
-    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
+    """own_ops[own_start:][:BLOCK_O] . other_ops[other_start:][:BLOCK_X] over the F features, a
+    (BLOCK_O, BLOCK_X) float32 tile of A Bm^T (own: rows of A) or of Bm A^T (own: rows of Bm),
+    zero outside the batch. Operands (B, F) row-major; a block's base pointer is a 64-bit scalar
+    and the offsets inside the tile 32-bit, which keeps the address tensors small."""
+    own_rows, other_rows = tl.arange(0, BLOCK_O), tl.arange(0, BLOCK_X)
+    own_mask, other_mask = own_start + own_rows < batch, other_start + other_rows < batch
+    own_base = own_ptr + tl.cast(own_start, tl.int64) * num_features
+    other_base = other_ptr + tl.cast(other_start, tl.int64) * num_features
+    offs_f = tl.arange(0, BLOCK_F)
+    acc = tl.zeros((BLOCK_O, BLOCK_X), dtype=tl.float32)
     for f_start in range(0, num_features, BLOCK_F):
-        offs_f = f_start + tl.arange(0, BLOCK_F)
-        f_mask = offs_f < num_features
-        a = tl.load(rows_ptr + row[:, None] * stride_row + offs_f[None, :],
-                    mask=row_mask[:, None] & f_mask[None, :], other=0.0)
-        b = tl.load(cols_ptr + col[None, :] * stride_row + offs_f[:, None],
-                    mask=f_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    row_bias = tl.load(row_bias_ptr + row, mask=row_mask, other=0.0)
-    col_bias = tl.load(col_bias_ptr + col, mask=col_mask, other=0.0)
-    row_pos = tl.load(pos_ptr + row, mask=row_mask, other=-1)
-    col_pos = tl.load(pos_ptr + col, mask=col_mask, other=-1)
-    valid = (row_mask[:, None] & col_mask[None, :] & (col[None, :] != row[:, None])
-             & (col_pos[None, :] != row_pos[:, None]))
-    return row, col, acc + row_bias[:, None] + col_bias[None, :], valid
+        f_mask = f_start + offs_f < num_features
+        x = tl.load(own_base + f_start + own_rows[:, None] * num_features + offs_f[None, :],
+                    mask=own_mask[:, None] & f_mask[None, :], other=0.0)
+        y = tl.load(other_base + f_start + other_rows[:, None] * num_features + offs_f[None, :],
+                    mask=other_mask[:, None] & f_mask[None, :], other=0.0)
+        acc = mma(x, tl.trans(y), acc, PRECISION)
+    return acc
 
 
 @triton.jit
-def _in_batch_terms_kernel(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr,
-    item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
+def _forward_kernel(
+    a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, positives_ptr,
+    item_part_ptr, user_part_ptr, count_part_ptr,
+    batch, num_features, tiles_per_split,
     ITEMS: tl.constexpr, USERS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of S, both directions: for the slab's rows i and the columns j of the tile,
+    """A block of rows against one split of the column tiles:
 
-        item_partial[j-block, i - slab_start] = sum_(valid j) softplus(S[i, j] - S[i, i])   [ITEMS]
-        user_partial[i-block, j]              = sum_(valid i) softplus(S[i, j] - S[j, j])   [USERS]
+        item_part[split, b]     = sum over its columns m of valid softplus(S[b, m] - S[b, b])   [ITEMS]
+        count_part[split, b]    = sum over its columns m of valid(b, m)
+        user_part[row block, m] = sum over the block's rows b of valid softplus(S[b, m] - S[m, m])   [USERS]
 
-    (item_partial (num column blocks, slab_rows), user_partial (slab row blocks, B))."""
-    row, col, scores, valid = _score_tile(
-        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-        BLOCK_B, BLOCK_F, PRECISION,
-    )
-    row_mask, col_mask = row < batch, col < batch
-    if ITEMS:
-        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
-        terms = tl.where(valid, _softplus(scores - row_diag[:, None]), 0.0)
-        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(terms, axis=1),
-                 mask=row_mask)
-    if USERS:
-        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
-        terms = tl.where(valid, _softplus(scores - col_diag[None, :]), 0.0)
-        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(terms, axis=0), mask=col_mask)
-
-
-@triton.jit
-def _in_batch_coeff_kernel(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr, scale_ptr,
-    coeff_ptr, item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
-    ITEMS: tl.constexpr, USERS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One tile of C = dLoss/dS off the diagonal, and the tile's shares of the diagonal:
-
-        coeff[i - slab_start, j] = g_i sigmoid(S[i, j] - S[i, i]) [ITEMS] + g_j sigmoid(S[i, j] - S[j, j]) [USERS]
-        item_partial[j-block, i - slab_start] = sum_(valid j) sigmoid(S[i, j] - S[i, i])       [ITEMS]
-        user_partial[i-block, j]              = sum_(valid i) sigmoid(S[i, j] - S[j, j])       [USERS]
-
-    (valid pairs only, C = 0 elsewhere; coeff (slab_rows, B) row-major)."""
-    row, col, scores, valid = _score_tile(
-        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-        BLOCK_B, BLOCK_F, PRECISION,
-    )
-    row_mask, col_mask = row < batch, col < batch
-    coeff = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
-    if ITEMS:
-        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
-        row_scale = tl.load(scale_ptr + row, mask=row_mask, other=0.0)
-        sigmoids = tl.where(valid, _sigmoid(scores - row_diag[:, None]), 0.0)
-        coeff += row_scale[:, None] * sigmoids
-        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(sigmoids, axis=1),
-                 mask=row_mask)
-    if USERS:
-        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
-        col_scale = tl.load(scale_ptr + col, mask=col_mask, other=0.0)
-        sigmoids = tl.where(valid, _sigmoid(scores - col_diag[None, :]), 0.0)
-        coeff += col_scale[None, :] * sigmoids
-        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(sigmoids, axis=0), mask=col_mask)
-    tl.store(coeff_ptr + (row[:, None] - slab_start) * batch + col[None, :], coeff,
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-@dataclass
-class _Operands:
-    """S = rows cols^T + row_bias[:, None] + col_bias[None, :]; diag[b] = S[b, b]. All float32."""
-
-    rows: torch.Tensor  # (B, F)
-    cols: torch.Tensor  # (B, F)
-    row_bias: torch.Tensor  # (B,)
-    col_bias: torch.Tensor  # (B,)
-    diag: torch.Tensor  # (B,)
-
-
-def _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature):
-    """log Q (B, L, K) of the users and log P (B, L, K) of their positive items, float32."""
-    if user_logits:
-        log_q = torch.log_softmax(user.float(), -1)
-    else:
-        log_q = codebook_log_softmax_forward(user, codebooks, user_temperature)
-    log_p = codebook_log_softmax_forward(items[positives], codebooks, temperature)
-    return log_q, log_p
-
-
-def _operands(log_q, log_p, weights, symmetric) -> _Operands:
-    users = torch_backend._Side(log_q, weights)
-    items = torch_backend._Side(log_p, weights)
-    rows, cols = torch_backend._score_operands(users, items, weights, symmetric)
-    row_bias = -users.negative_entropy if symmetric else torch.zeros_like(users.negative_entropy)
-    col_bias = -items.negative_entropy
-    diag = (rows * cols).sum(1) + row_bias + col_bias
-    return _Operands(rows.contiguous(), cols.contiguous(), row_bias, col_bias, diag)
-
-
-def _launch_blocks(batch: int, num_features: int) -> dict:
-    return dict(BLOCK_B=block_size(batch, high=MAX_BLOCK_B), BLOCK_F=block_size(num_features, high=64),
-                PRECISION=FP32_DOT_PRECISION)
-
-
-@dataclass(frozen=True)
-class _Slabs:
-    """The row slabs of S and the launch of one: every slab but the last has ``rows`` rows (a
-    multiple of the tile side, R B <= MAX_SLAB_ELEMENTS where the tile allows)."""
-
-    batch: int
-    rows: int
-    block_b: int
-
-    @classmethod
-    def of(cls, batch: int, block_b: int) -> _Slabs:
-        rows = max(block_b, min(batch, MAX_SLAB_ELEMENTS // batch) // block_b * block_b)
-        return cls(batch, rows, block_b)
-
-    @property
-    def num_col_blocks(self) -> int:
-        return triton.cdiv(self.batch, self.block_b)
-
-    @property
-    def num_row_blocks(self) -> int:
-        return triton.cdiv(self.rows, self.block_b)
-
-    def partials(self, like: torch.Tensor):
-        """The per-program float32 partial sums of one slab: by column block for its rows
-        (num_col_blocks, rows) and by row block for the columns (num_row_blocks, B); zeroed, so
-        the direction a kernel skips (ITEMS or USERS off) sums to 0."""
-        return like.new_zeros((self.num_col_blocks, self.rows)), like.new_zeros((self.num_row_blocks, self.batch))
-
-    def __iter__(self):
-        """(first row, number of rows, launch grid) of each slab, in order."""
-        for start in range(0, self.batch, self.rows):
-            count = min(self.rows, self.batch - start)
-            yield start, count, (triton.cdiv(count, self.block_b), self.num_col_blocks)
-
-
-def _flags(in_batch: str) -> dict:
-    return dict(ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"))
-
-
-def _pair_term_sums(ops: _Operands, positives, in_batch: str) -> torch.Tensor:
-    """Per row b, the sum of its "items" and/or "users" terms, (B,) float32."""
-    batch, num_features = ops.rows.shape
-    blocks = _launch_blocks(batch, num_features)
-    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
-    item_partials, user_partials = slabs.partials(ops.rows)
-    item_terms, user_terms = torch.zeros_like(ops.diag), torch.zeros_like(ops.diag)
-    for start, count, grid in slabs:
-        _in_batch_terms_kernel[grid](
-            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives,
-            item_partials, user_partials, start, slabs.rows, batch, num_features, **_flags(in_batch), **blocks,
-        )
-        item_terms[start:start + count] = item_partials[:, :count].sum(0)
-        user_terms += user_partials[: grid[0]].sum(0)
-    return item_terms + user_terms
-
-
-def _pair_operand_grads(ops: _Operands, positives, scale, in_batch: str):
-    """dLoss/d(rows, cols, row_bias, col_bias) for dLoss/d(term sum of row b) = scale[b]."""
-    batch, num_features = ops.rows.shape
-    blocks = _launch_blocks(batch, num_features)
-    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
-    item_partials, user_partials = slabs.partials(ops.rows)
-    coeff = ops.rows.new_empty((slabs.rows, batch))
-    grad_rows, grad_cols = torch.empty_like(ops.rows), torch.zeros_like(ops.cols)
-    grad_row_bias, grad_col_bias = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
-    item_sigmoids, user_sigmoids = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
-    for start, count, grid in slabs:
-        _in_batch_coeff_kernel[grid](
-            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives, scale,
-            coeff, item_partials, user_partials, start, slabs.rows, batch, num_features,
-            **_flags(in_batch), **blocks,
-        )
-        slab, rows = coeff[:count], slice(start, start + count)
-        grad_rows[rows] = slab @ ops.cols
-        grad_cols.addmm_(slab.T, ops.rows[rows])
-        grad_row_bias[rows] = slab.sum(1)
-        grad_col_bias += slab.sum(0)
-        item_sigmoids[rows] = item_partials[:, :count].sum(0)
-        user_sigmoids += user_partials[: grid[0]].sum(0)
-    grads = _diag_grads(ops, -scale * (item_sigmoids + user_sigmoids))
-    return tuple(off + on for off, on in zip((grad_rows, grad_cols, grad_row_bias, grad_col_bias), grads, strict=True))
-
-
-def _diag_grads(ops: _Operands, grad_diag):
-    """dLoss/d(rows, cols, row_bias, col_bias) through the diagonal alone, for dLoss/dS[b, b] = grad_diag[b]."""
-    return grad_diag[:, None] * ops.cols, grad_diag[:, None] * ops.rows, grad_diag, grad_diag
-
-
-def _log_prob_grads(grads, log_q, log_p, weights, symmetric):
-    """dLoss/dlogQ and dLoss/dlogP (each (B, L, K), Q = exp logQ, P = exp logP) from the operand
-    gradients, up to a multiple of p per (row, layer), which the log-softmax backward removes:
-    d(-p log p)/dlog p = -p (log p + 1) enters as -p log p (the nearly cancelling -p dropped)."""
-    grad_rows, grad_cols, grad_row_bias, grad_col_bias = grads
-    shape, w = log_q.shape, weights[:, None]
-    q, p = log_q.exp(), log_p.exp()
-    grad_log_q = w * grad_rows[:, : shape[1] * shape[2]].view(shape)
-    grad_log_p = p * grad_cols[:, : shape[1] * shape[2]].view(shape)
-    grad_log_p = grad_log_p - w * p * log_p * grad_col_bias[:, None, None]
-    if symmetric:
-        grad_log_q = grad_log_q + w * q * grad_rows[:, shape[1] * shape[2]:].view(shape)
-        grad_log_q = grad_log_q - w * q * log_q * grad_row_bias[:, None, None]
-        grad_log_p = grad_log_p + grad_cols[:, shape[1] * shape[2]:].view(shape)
-    return grad_log_q, grad_log_p
-
-
-@dataclass
-class _MeanScores:
-    """"mean" per row b: the positive score ps_b = s(Q_b, P_b) and the mean score ms_b = s(M_b, P_b)
-    as the diagonals of their operands, M_b = others_b / count_b the mean of Q_m over the rows m
-    whose positive differs (log M_b clamped like ``torch_backend.log_mean``), and
-    term_b = softplus(ms_b - ps_b) h_b, h_b = 1 where count_b > 0 (else no term)."""
-
-    positive: _Operands
-    mean: _Operands
-    log_mean: torch.Tensor  # (B, L, K)
-    others: torch.Tensor  # (B, L, K) sum of Q_m over the rows m of the other groups
-    group_of_row: torch.Tensor  # (B,)
-    has_term: torch.Tensor  # (B,) h_b, float32
-
-    @classmethod
-    def of(cls, log_q, log_p, positives, weights, symmetric) -> _MeanScores:
-        group_of_row, count = torch_backend.group_rows(positives)
-        others = torch_backend.sum_over_other_groups(log_q.exp(), group_of_row)
-        log_mean = torch_backend.log_mean(others, count)
-        return cls(_operands(log_q, log_p, weights, symmetric), _operands(log_mean, log_p, weights, symmetric),
-                   log_mean, others, group_of_row, (count > 0).float())
-
-    @property
-    def terms(self) -> torch.Tensor:
-        return F.softplus(self.mean.diag - self.positive.diag) * self.has_term
-
-
-def _mean_log_prob_grads(scores: _MeanScores, log_q, log_p, scale, weights, symmetric):
-    """dLoss/dlogQ and dLoss/dlogP of "mean" for dLoss/d(term_b) = scale[b], up to multiples of
-    Q and P per (row, layer) like ``_log_prob_grads``. With g_b = scale_b h_b sigmoid(ms_b - ps_b),
-    ps takes -g_b and ms takes g_b: G_b = g_b ds(M_b, P_b)/dlogM_b reaches, through
-    log M_b = log others_b - log count_b, the Q_m of every row m of another group,
-
-        dLoss/dlogQ_m += Q_m sum_(b: pos_b != pos_m) G_b / others_b     (0 where others_b was clamped)
-
-    the sum over the other groups like the forward's. The -g_b w M_b that ``_log_prob_grads``
-    drops from G_b reaches Q_m as a multiple of Q_m (M_b / others_b = 1 / count_b): dropped too.
+    Operands and biases as the prologue writes them; item_part, count_part (splits, B) and
+    user_part (row blocks, B) float32.
     """
-    grad_terms = scale * scores.has_term * torch.sigmoid(scores.mean.diag - scores.positive.diag)
-    grad_log_q, grad_log_p = _log_prob_grads(_diag_grads(scores.positive, -grad_terms), log_q, log_p, weights,
-                                             symmetric)
-    grad_log_mean, grad_log_p_mean = _log_prob_grads(_diag_grads(scores.mean, grad_terms), scores.log_mean, log_p,
-                                                     weights, symmetric)
-    tiny = torch.finfo(scores.others.dtype).tiny
-    grad_others = torch.where(scores.others >= tiny, grad_log_mean / scores.others.clamp_min(tiny), 0.0)
-    grad_log_q = grad_log_q + log_q.exp() * torch_backend.sum_over_other_groups(grad_others, scores.group_of_row)
-    return grad_log_q, grad_log_p + grad_log_p_mean
+    row_start = tl.program_id(0) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < batch
+    row_pos = tl.load(positives_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    row_diag = tl.load(diag_ptr + rows, mask=row_mask, other=0.0)
+    row_bias = tl.load(rb_ptr + rows, mask=row_mask, other=0.0)
+    row_terms = tl.zeros((BLOCK_M,), tl.float32)
+    row_count = tl.zeros((BLOCK_M,), tl.float32)
+    first_tile = tl.program_id(1) * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(batch, BLOCK_N))
+    for tile in range(first_tile, last_tile):
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < batch
+        col_pos = tl.load(positives_ptr + cols, mask=col_mask, other=-2).to(tl.int32)
+        scores = _score_tile(a_ptr, bm_ptr, row_start, tile * BLOCK_N, batch, num_features,
+                             BLOCK_M, BLOCK_N, BLOCK_F, PRECISION)
+        scores += row_bias[:, None] + tl.load(cb_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        valid = row_pos[:, None] != col_pos[None, :]  # padding rows and columns hold -1 and -2
+        valid = valid & row_mask[:, None] & col_mask[None, :]
+        row_count += tl.sum(valid.to(tl.float32), axis=1)
+        if ITEMS:
+            row_terms += tl.sum(tl.where(valid, softplus(scores - row_diag[:, None]), 0.0), axis=1)
+        if USERS:
+            col_diag = tl.load(diag_ptr + cols, mask=col_mask, other=0.0)
+            col_terms = tl.sum(tl.where(valid, softplus(scores - col_diag[None, :]), 0.0), axis=0)
+            tl.store(user_part_ptr + tl.program_id(0) * batch + cols, col_terms, mask=col_mask)
+    if ITEMS:
+        tl.store(item_part_ptr + tl.program_id(1) * batch + rows, row_terms, mask=row_mask)
+    tl.store(count_part_ptr + tl.program_id(1) * batch + rows, row_count, mask=row_mask)
 
 
-def _row_scales(grad_output, row_counts, reduction):
-    """dLoss/d(term sum of row b), (B,) float32."""
-    grad_output = grad_output.float()
-    if reduction == "none":
-        return grad_output / row_counts.clamp_min(1)
-    if reduction == "mean":
-        grad_output = grad_output / row_counts.sum().clamp_min(1)
-    return grad_output.expand(row_counts.shape).contiguous()
+@triton.jit
+def _finish_kernel(
+    item_part_ptr, user_part_ptr, count_part_ptr, loss_ptr, counts_ptr, total_ptr,
+    batch, num_splits, num_row_blocks, pair_terms,
+    ITEMS: tl.constexpr, USERS: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: per row t_b and T_b = pair_terms * (valid count) from the partials, added in a
+    fixed order; counts_ptr (B,) <- T_b, total_ptr () <- sum_b T_b, loss_ptr () <- the mean over
+    all terms or their sum, or (B,) <- t_b / max(T_b, 1) for "none"."""
+    term_sum = tl.zeros((BLOCK,), tl.float32)
+    count_sum = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, batch, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        row_mask = rows < batch
+        terms = tl.zeros((BLOCK,), tl.float32)
+        count = tl.zeros((BLOCK,), tl.float32)
+        for split in range(0, num_splits):
+            count += tl.load(count_part_ptr + split * batch + rows, mask=row_mask, other=0.0)
+            if ITEMS:
+                terms += tl.load(item_part_ptr + split * batch + rows, mask=row_mask, other=0.0)
+        if USERS:
+            for block in range(0, num_row_blocks):
+                terms += tl.load(user_part_ptr + block * batch + rows, mask=row_mask, other=0.0)
+        count *= pair_terms
+        tl.store(counts_ptr + rows, count, mask=row_mask)
+        if REDUCTION == "none":
+            tl.store(loss_ptr + rows, terms / tl.maximum(count, 1.0), mask=row_mask)
+        term_sum += terms
+        count_sum += count
+    total = tl.sum(count_sum, axis=0)
+    tl.store(total_ptr, total)
+    if REDUCTION == "mean":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
+    if REDUCTION == "sum":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0))
 
 
-def _log_softmax_backward(log_probs, grad_log_probs):
-    return grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
+@triton.jit
+def _stream_other_side(
+    own_ptr, other_ptr, own_bias_ptr, other_bias_ptr, diag_ptr, positives_ptr,
+    grad_ptr, counts_ptr, total_ptr, grad_own_ptr, own_sum_ptr, own_diag_ptr,
+    block, batch, num_features,
+    OWN_TERMS: tl.constexpr, OTHER_TERMS: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One backward program: a block of "own" rows (rows of A, or rows of Bm) and a chunk of
+    BLOCK_G features, streaming every tile of the other side.
+
+    With T = own_ops other_ops^T + own_bias + other_bias (a tile of S, or of S^T) and
+    C = valid (g_own sigmoid(T - diag_own) [OWN_TERMS] + g_other sigmoid(T - diag_other) [OTHER_TERMS]):
+
+        grad_own[own, chunk] = sum over other of C other_ops[:, chunk]       (B, F) float32
+        own_sum[own]         = sum over other of C                            (written by chunk 0)
+        own_diag[own]        = sum over other of the OWN_TERMS part of C      (written by chunk 0)
+
+    Rows of A own the "items" terms (anchored at S[b, b] of their row), rows of Bm the "users"
+    terms (anchored at the diagonal of their column).
+    """
+    chunk = tl.program_id(1)
+    own_start = block * BLOCK_O
+    own = own_start + tl.arange(0, BLOCK_O)
+    own_mask = own < batch
+    own_pos = tl.load(positives_ptr + own, mask=own_mask, other=-1).to(tl.int32)
+    own_diag = tl.load(diag_ptr + own, mask=own_mask, other=0.0)
+    own_bias = tl.load(own_bias_ptr + own, mask=own_mask, other=0.0)
+    own_scale = row_scale(grad_ptr, counts_ptr, total_ptr, own, own_mask, REDUCTION)
+    features = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
+    feature_mask = features < num_features
+    grad = tl.zeros((BLOCK_O, BLOCK_G), tl.float32)
+    coeff_sum = tl.zeros((BLOCK_O,), tl.float32)
+    diag_sum = tl.zeros((BLOCK_O,), tl.float32)
+    for other_start in range(0, batch, BLOCK_X):
+        other = other_start + tl.arange(0, BLOCK_X)
+        other_mask = other < batch
+        other_pos = tl.load(positives_ptr + other, mask=other_mask, other=-2).to(tl.int32)
+        scores = _score_tile(own_ptr, other_ptr, own_start, other_start, batch, num_features,
+                             BLOCK_O, BLOCK_X, BLOCK_F, PRECISION)
+        scores += own_bias[:, None] + tl.load(other_bias_ptr + other, mask=other_mask, other=0.0)[None, :]
+        valid = (own_pos[:, None] != other_pos[None, :]) & own_mask[:, None] & other_mask[None, :]
+        coeff = tl.zeros((BLOCK_O, BLOCK_X), tl.float32)
+        if OWN_TERMS:
+            coeff = tl.where(valid, own_scale[:, None] * sigmoid(scores - own_diag[:, None]), 0.0)
+            diag_sum += tl.sum(coeff, axis=1)
+        if OTHER_TERMS:
+            other_diag = tl.load(diag_ptr + other, mask=other_mask, other=0.0)
+            other_scale = row_scale(grad_ptr, counts_ptr, total_ptr, other, other_mask, REDUCTION)
+            coeff += tl.where(valid, other_scale[None, :] * sigmoid(scores - other_diag[None, :]), 0.0)
+        coeff_sum += tl.sum(coeff, axis=1)
+        other_base = other_ptr + tl.cast(other_start, tl.int64) * num_features
+        other_chunk = tl.load(other_base + tl.arange(0, BLOCK_X)[:, None] * num_features + features[None, :],
+                              mask=other_mask[:, None] & feature_mask[None, :], other=0.0)
+        grad = mma(coeff.to(other_chunk.dtype), other_chunk, grad, PRECISION)
+    own_base = grad_own_ptr + tl.cast(own_start, tl.int64) * num_features
+    tl.store(own_base + tl.arange(0, BLOCK_O)[:, None] * num_features + features[None, :], grad,
+             mask=own_mask[:, None] & feature_mask[None, :])
+    if chunk == 0:
+        tl.store(own_sum_ptr + own, coeff_sum, mask=own_mask)
+        tl.store(own_diag_ptr + own, diag_sum, mask=own_mask)
 
 
-@torch.library.custom_op("soda_kernels::in_batch_bpr", mutates_args=())
-def in_batch_bpr_op(
+@triton.jit
+def _backward_kernel(
+    a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, positives_ptr, grad_ptr, counts_ptr, total_ptr,
+    grad_a_ptr, grad_bm_ptr, sums_ptr, diag_parts_ptr,
+    batch, num_features, num_row_blocks,
+    ITEMS: tl.constexpr, USERS: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Row programs (program_id(0) < num_row_blocks: dA, drb) and column programs (the rest:
+    dBm, dcb) in one launch; grid (row blocks + column blocks, feature chunks).
+
+    grad_a_ptr, grad_bm_ptr: (B, F) float32; sums_ptr: (2, B) <- (C 1 = drb off the diagonal,
+    C^T 1 = dcb off the diagonal); diag_parts_ptr: (2, B) <- the "items" and "users" shares of
+    -dS[b, b].
+    """
+    block = tl.program_id(0)
+    if block < num_row_blocks:
+        _stream_other_side(a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, positives_ptr, grad_ptr, counts_ptr, total_ptr,
+                           grad_a_ptr, sums_ptr, diag_parts_ptr, block, batch, num_features,
+                           ITEMS, USERS, REDUCTION, BLOCK_M, BLOCK_N, BLOCK_F, BLOCK_G, PRECISION)
+    else:
+        _stream_other_side(bm_ptr, a_ptr, cb_ptr, rb_ptr, diag_ptr, positives_ptr, grad_ptr, counts_ptr, total_ptr,
+                           grad_bm_ptr, sums_ptr + batch, diag_parts_ptr + batch, block - num_row_blocks, batch,
+                           num_features, USERS, ITEMS, REDUCTION, BLOCK_M, BLOCK_N, BLOCK_F, BLOCK_G, PRECISION)
+
+
+@triton.jit
+def _epilogue_side(
+    src_ptr, rows, row_mask, src_rows, codebooks_ptr, weight, lse, own_grad_ptr, partner_ptr, grad_diag, bias_grad,
+    grad_out_ptr, codebook_part_ptr, part, layer, num_layers, num_codes, dim, inv_temperature,
+    IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The epilogue of one side and layer for a block of rows (the module docstring's formulas).
+
+    src_ptr: the side's residuals (R, L, d) (or the users' logits (B, L, K) when FROM_LOGITS),
+    read at rows src_rows; lse (BLOCK_R,) this layer's log-sum-exp; own_grad_ptr, partner_ptr:
+    (B, F) this side's operand gradient and the other side's operands (for the diagonal's terms);
+    grad_diag, bias_grad (BLOCK_R,) dS[b, b] and the side's full bias gradient. Writes
+    grad_out_ptr: the side's gradient rows (B, L, d) (or dz (B, L, K) when FROM_LOGITS) and,
+    for residuals, codebook_part_ptr[part, block, layer] (K, d) float32.
+    """
+    width = num_codes if FROM_LOGITS else dim
+    src_layer = src_ptr + layer * width
+    row_stride = num_layers * width
+    codebook = codebooks_ptr + layer * num_codes * dim
+    half = num_layers * num_codes
+    num_features = half * (2 if SYMMETRIC else 1)
+    grad_log_sum = tl.zeros((BLOCK_R,), tl.float32)
+    grad_rows = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
+    offs_d = tl.arange(0, BLOCK_DIM)
+    if not FROM_LOGITS:
+        x = load_rows(src_layer, row_stride, src_rows, row_mask, dim, BLOCK_DIM)
+    for step in range(0, 2):  # 0: sum_k dlog r_k; 1: dz = dlog r - r sum_k dlog r_k, projected
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            tile_mask = row_mask[:, None] & code_mask[None, :]
+            logits = layer_logits(src_layer, row_stride, src_rows, row_mask, codebook, codes, code_mask, dim,
+                                  inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_r = tl.where(tile_mask, logits - lse[:, None], 0.0)
+            r = tl.where(tile_mask, tl.exp(log_r), 0.0)
+            first = rows[:, None] * num_features + layer * num_codes + codes[None, :]
+            g1 = tl.load(own_grad_ptr + first, mask=tile_mask, other=0.0)
+            g1 += grad_diag[:, None] * tl.load(partner_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)
+            if IS_USER:
+                grad_log = weight * g1
+            else:
+                grad_log = r * g1
+            if SYMMETRIC or not IS_USER:  # the side's bias -w r . log r
+                grad_log -= weight * r * log_r * bias_grad[:, None]
+            if SYMMETRIC:
+                g2 = tl.load(own_grad_ptr + half + first, mask=tile_mask, other=0.0)
+                g2 += grad_diag[:, None] * tl.load(partner_ptr + half + first, mask=tile_mask, other=0.0).to(tl.float32)
+                if IS_USER:
+                    grad_log += weight * r * g2
+                else:
+                    grad_log += g2
+            grad_log = tl.where(tile_mask, grad_log, 0.0)
+            if step == 0:
+                grad_log_sum += tl.sum(grad_log, axis=1)
+            else:
+                grad_logits = tl.where(tile_mask, grad_log - r * grad_log_sum[:, None], 0.0)
+                if FROM_LOGITS:
+                    out = grad_out_ptr + rows[:, None] * row_stride + layer * num_codes + codes[None, :]
+                    tl.store(out, grad_logits.to(grad_out_ptr.dtype.element_ty), mask=tile_mask)
+                else:
+                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
+                    grad_x, grad_c = project_logit_grad(grad_logits, x, c, PRECISION)
+                    grad_rows += grad_x
+                    part_layer = codebook_part_ptr + (part * num_layers + layer) * num_codes * dim
+                    tl.store(part_layer + codes[:, None] * dim + offs_d[None, :], 2.0 * inv_temperature * grad_c,
+                             mask=code_mask[:, None] & (offs_d < dim)[None, :])
+    if not FROM_LOGITS:
+        out = grad_out_ptr + rows[:, None] * row_stride + layer * dim + offs_d[None, :]
+        tl.store(out, (2.0 * inv_temperature * grad_rows).to(grad_out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (offs_d < dim)[None, :])
+
+
+@triton.jit
+def _epilogue_kernel(
+    user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr, lse_ptr,
+    a_ptr, bm_ptr, grad_a_ptr, grad_bm_ptr, sums_ptr, diag_parts_ptr,
+    grad_user_ptr, item_row_grad_ptr, codebook_part_ptr,
+    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (row blocks, L, 2 sides: 0 users, 1 items): operand gradients -> log-probability
+    gradients -> logit gradients -> residual gradients and the program's codebook partial.
+
+    Inputs as the prologue and the backward kernel write them. Writes grad_user_ptr: (B, L, d) in
+    the user's dtype, or (B, L, K) for USER_LOGITS; item_row_grad_ptr: (B, L, d) float32, the
+    gradient of row b's positive (summed over repeated positives afterwards); codebook_part_ptr:
+    (sides with residuals, row blocks, L, K, d) float32.
+    """
+    block, layer = tl.program_id(0), tl.program_id(1)
+    rows = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    weight = tl.load(weights_ptr + layer)
+    grad_diag = -(tl.load(diag_parts_ptr + rows, mask=row_mask, other=0.0)
+                  + tl.load(diag_parts_ptr + batch + rows, mask=row_mask, other=0.0))
+    if tl.program_id(2) == 0:
+        lse = tl.load(lse_ptr + rows * num_layers + layer, mask=row_mask, other=0.0)
+        bias_grad = tl.load(sums_ptr + rows, mask=row_mask, other=0.0) + grad_diag
+        _epilogue_side(user_ptr, rows, row_mask, rows, codebooks_ptr, weight, lse, grad_a_ptr, bm_ptr, grad_diag,
+                       bias_grad, grad_user_ptr, codebook_part_ptr, block, layer, num_layers, num_codes, dim,
+                       inv_user_temperature, True, USER_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_D, BLOCK_DIM,
+                       PRECISION)
+    else:
+        lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
+        bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
+        item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+        if USER_LOGITS:
+            part = block
+        else:
+            part = block + tl.num_programs(0)
+        _epilogue_side(items_ptr, rows, row_mask, item_rows, codebooks_ptr, weight, lse, grad_bm_ptr, a_ptr,
+                       grad_diag, bias_grad, item_row_grad_ptr, codebook_part_ptr, part, layer, num_layers,
+                       num_codes, dim, inv_temperature, False, False, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_D,
+                       BLOCK_DIM, PRECISION)
+
+
+def _operands(user, items, codebooks, positives, weights, user_logits, symmetric, temperature, user_temperature):
+    """Run the prologue: (A, Bm, rb, cb, diag, lse) of the module docstring."""
+    batch = positives.shape[0]
+    num_layers, num_codes, dim = codebooks.shape
+    features = num_layers * num_codes * (2 if symmetric else 1)
+    dtype = operand_dtype(torch.promote_types(user.dtype, items.dtype))
+    a = torch.empty((batch, features), dtype=dtype, device=user.device)
+    bm = torch.empty_like(a)
+    rb, cb, diag = (torch.empty(batch, dtype=torch.float32, device=user.device) for _ in range(3))
+    lse = torch.empty((2, batch, num_layers), dtype=torch.float32, device=user.device)
+    config = launch_config("rows", codes=num_codes, dim=dim, wide=dtype == torch.float32)
+    config.pop("BLOCK_DIM")  # the prologue only forms logits
+    _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
+        user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
+        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
+    )
+    return a, bm, rb, cb, diag, lse
+
+
+def _splits(batch: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(column tiles per split, number of splits) of the forward: enough programs to fill a GPU
+    (about 512), each streaming at least four column tiles (one in the interpreter, so that the
+    tests cross splits)."""
+    row_blocks, col_tiles = triton.cdiv(batch, block_m), triton.cdiv(batch, block_n)
+    splits = max(1, min(triton.cdiv(512, row_blocks), col_tiles // (1 if INTERPRETER else 4)))
+    per_split = triton.cdiv(col_tiles, splits)
+    return per_split, triton.cdiv(col_tiles, per_split)
+
+
+@torch.library.custom_op("soda_kernels::in_batch_pairs", mutates_args=())
+def in_batch_pairs_op(
     user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor,
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the reduced loss, the number of terms of each row (B,) float32, kept for backward)."""
-    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
-    if in_batch == "mean":
-        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
-        row_sums, row_counts = scores.terms, scores.has_term
-    else:
-        ops = _operands(log_q, log_p, weights, symmetric)
-        row_sums = _pair_term_sums(ops, positives, in_batch)
-        row_counts = torch_backend.group_rows(positives)[1].float() * (2 if in_batch == "both" else 1)
-    return torch_backend.reduce_terms(row_sums, row_counts, reduction), row_counts
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the reduced loss, T_b (B,) and sum_b T_b (), float32; the counts are kept for backward)."""
+    a, bm, rb, cb, diag, _ = _operands(user, items, codebooks, positives, weights, user_logits, symmetric,
+                                       temperature, user_temperature)
+    batch, features = a.shape
+    config = launch_config("scores", features=features, wide=a.dtype == torch.float32)
+    per_split, splits = _splits(batch, config["BLOCK_M"], config["BLOCK_N"])
+    row_blocks = triton.cdiv(batch, config["BLOCK_M"])
+    items_on, users_on = in_batch in ("items", "both"), in_batch in ("users", "both")
+    item_part = a.new_empty((splits, batch), dtype=torch.float32)
+    count_part = torch.empty_like(item_part)
+    user_part = a.new_empty((row_blocks, batch), dtype=torch.float32)
+    _forward_kernel[(row_blocks, splits)](
+        a, bm, rb, cb, diag, positives, item_part, user_part, count_part, batch, features, per_split,
+        ITEMS=items_on, USERS=users_on, PRECISION=SCORE_PRECISION, **config,
+    )
+    loss = a.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
+    counts, total = torch.empty_like(rb), rb.new_empty(())
+    _finish_kernel[(1,)](
+        item_part, user_part, count_part, loss, counts, total, batch, splits, row_blocks,
+        REDUCTION_PAIRS[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
+    )
+    return loss, counts, total
 
 
-@in_batch_bpr_op.register_fake
+@in_batch_pairs_op.register_fake
 def _(user, items, codebooks, positives, weights, in_batch, user_logits, symmetric, temperature,
       user_temperature, reduction):
     loss_shape = positives.shape if reduction == "none" else ()
-    return user.new_empty(loss_shape, dtype=torch.float32), user.new_empty(positives.shape, dtype=torch.float32)
+    counts = user.new_empty(positives.shape, dtype=torch.float32)
+    return user.new_empty(loss_shape, dtype=torch.float32), counts, user.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("soda_kernels::in_batch_bpr_backward", mutates_args=())
-def in_batch_bpr_backward(
+@torch.library.custom_op("soda_kernels::in_batch_pairs_backward", mutates_args=())
+def in_batch_pairs_backward(
     grad_output: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
-    positives: torch.Tensor, weights: torch.Tensor, row_counts: torch.Tensor,
+    positives: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, total: torch.Tensor,
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = _row_scales(grad_output, row_counts, reduction)
-    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
-    if in_batch == "mean":
-        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
-        grad_log_q, grad_log_p = _mean_log_prob_grads(scores, log_q, log_p, scale, weights, symmetric)
-    else:
-        ops = _operands(log_q, log_p, weights, symmetric)
-        grads = _pair_operand_grads(ops, positives, scale, in_batch)
-        grad_log_q, grad_log_p = _log_prob_grads(grads, log_q, log_p, weights, symmetric)
-    grad_user_logits = _log_softmax_backward(log_q, grad_log_q)
-    grad_item_logits = _log_softmax_backward(log_p, grad_log_p)
-    grad_rows, grad_codebooks = project_logit_grad(grad_item_logits, items[positives], codebooks, temperature)
-    grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-    grad_items.index_put_((positives,), grad_rows, accumulate=True)
-    if user_logits:
-        grad_user = grad_user_logits
-    else:
-        grad_user, grad_codebooks_users = project_logit_grad(grad_user_logits, user, codebooks, user_temperature)
-        grad_codebooks = grad_codebooks + grad_codebooks_users
-    return grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype)
+    a, bm, rb, cb, diag, lse = _operands(user, items, codebooks, positives, weights, user_logits, symmetric,
+                                         temperature, user_temperature)
+    batch, features = a.shape
+    num_layers, num_codes, dim = codebooks.shape
+    grad_output = grad_output.float().contiguous()
+    grads = launch_config("grads", features=features, wide=a.dtype == torch.float32)
+    row_blocks, col_blocks = triton.cdiv(batch, grads["BLOCK_M"]), triton.cdiv(batch, grads["BLOCK_N"])
+    grad_a = torch.empty((batch, features), dtype=torch.float32, device=a.device)
+    grad_bm = torch.empty_like(grad_a)
+    sums, diag_parts = rb.new_empty((2, batch)), rb.new_empty((2, batch))
+    _backward_kernel[(row_blocks + col_blocks, triton.cdiv(features, grads["BLOCK_G"]))](
+        a, bm, rb, cb, diag, positives, grad_output, counts, total, grad_a, grad_bm, sums, diag_parts,
+        batch, features, row_blocks, ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"),
+        REDUCTION=reduction, PRECISION=SCORE_PRECISION, **grads,
+    )
+    rows = launch_config("rows", codes=num_codes, dim=dim, wide=a.dtype == torch.float32)
+    blocks = triton.cdiv(batch, rows["BLOCK_R"])
+    grad_user = torch.empty(user.shape, dtype=user.dtype, device=user.device)
+    item_row_grad = torch.empty((batch, num_layers, dim), dtype=torch.float32, device=items.device)
+    codebook_part = torch.empty((1 if user_logits else 2, blocks, num_layers, num_codes, dim),
+                                dtype=torch.float32, device=items.device)
+    _epilogue_kernel[(blocks, num_layers, 2)](
+        user, items, codebooks, positives, weights, lse, a, bm, grad_a, grad_bm, sums, diag_parts,
+        grad_user, item_row_grad, codebook_part,
+        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **rows,
+    )
+    grad_items = sum_rows_by_index(item_row_grad, positives, items.shape[0], items.dtype)
+    grad_codebooks = sum_partials(codebook_part.flatten(0, 1), codebooks.dtype)
+    return grad_user, grad_items, grad_codebooks
 
 
-@in_batch_bpr_backward.register_fake
-def _(grad_output, user, items, codebooks, positives, weights, row_counts, *options):
+@in_batch_pairs_backward.register_fake
+def _(grad_output, user, items, codebooks, positives, weights, counts, total, *options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
 
 
 def _setup_context(ctx, inputs, output):
     user, items, codebooks, positives, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, positives, weights, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(user, items, codebooks, positives, weights, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_output, _grad_row_counts):
-    grads = in_batch_bpr_backward(grad_output, *ctx.saved_tensors, *ctx.options)
+def _backward(ctx, grad_output, _grad_counts, _grad_total):
+    grads = in_batch_pairs_backward(grad_output, *ctx.saved_tensors, *ctx.options)
     return *grads, None, None, None, None, None, None, None, None
 
 
-in_batch_bpr_op.register_autograd(_backward, setup_context=_setup_context)
+in_batch_pairs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def in_batch_bpr(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,
-                 user_temperature, layer_weights, reduction):
-    """In-batch distributional BPR on the Triton backend (arguments validated by the caller).
-
-    user (B, L, d) residuals or (B, L, K) logits, items (N, L, d), codebooks (L, K, d),
-    positives (B,); returns a float32 scalar, or (B,) with ``reduction="none"``.
-    """
-    loss, _ = in_batch_bpr_op(user, items, codebooks, positives.long().contiguous(), layer_weights, in_batch,
-                              user_logits, symmetric, temperature, user_temperature, reduction)
+def in_batch_pairs(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,
+                   user_temperature, layer_weights, reduction):
+    """In-batch distributional BPR ("items", "users", "both") on the Triton kernels; arguments
+    validated by the caller. user (B, L, d) residuals or (B, L, K) logits, items (N, L, d),
+    codebooks (L, K, d), positives (B,) -> a float32 scalar, or (B,) for ``reduction="none"``.
+    Non-contiguous inputs are copied once (the kernels index row-major tensors)."""
+    loss, _, _ = in_batch_pairs_op(
+        user.contiguous(), items.contiguous(), codebooks.contiguous(), positives.long().contiguous(),
+        layer_weights.contiguous(), in_batch, user_logits, symmetric, temperature, user_temperature, reduction,
+    )
     return loss

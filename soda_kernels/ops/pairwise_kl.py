@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
+from ._legacy import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
 
 
 @triton.jit

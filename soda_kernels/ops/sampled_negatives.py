@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import torch_backend
-from .common import (
+from ._legacy import (
     FP32_DOT_PRECISION,
     block_size,
     distribution_logits_tile,

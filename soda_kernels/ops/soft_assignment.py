@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
+from ._legacy import (
     FP32_DOT_PRECISION,
     block_size,
     codebook_logits_tile,
