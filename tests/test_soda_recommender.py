@@ -1,10 +1,11 @@
-"""TIGER: the trie, and beam search constrained to valid semantic IDs."""
+"""TIGER: the trie, beam search constrained to valid semantic IDs, and the attention's CPU path."""
 
 import itertools
 
 import torch
+import torch.nn.functional as F
 
-from soda.recommender import TIGER, RecommenderConfig, Trie
+from soda.recommender import TIGER, Attention, RecommenderConfig, Trie
 
 TINY = RecommenderConfig(
     num_encoder_layers=1,
@@ -97,3 +98,35 @@ def test_user_representation_is_mean_pooled_encoder_states():
     states, mask = model.encode(histories)
     assert mask.sum() == 8  # two items x four code tokens
     torch.testing.assert_close(model.user_representation(histories), states[mask].mean(0, keepdim=True))
+
+
+def test_attention_with_a_learned_bias_matches_scaled_dot_product_attention():
+    """The CPU training path (a bias that needs its gradient) computes what SDPA computes."""
+    torch.manual_seed(0)
+    attention = Attention(TINY)
+    x, memory = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    relative = torch.randn(1, 2, 5, 7, requires_grad=True)  # a learned bias, shared by the batch
+    padding = torch.zeros(3, 1, 1, 7).masked_fill(torch.rand(3, 1, 1, 7) < 0.3, float("-inf"))
+    padding[..., 0] = 0.0  # every row attends somewhere
+    out = attention(x, memory, relative + padding)
+    gradient = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [relative, *attention.parameters()], gradient)
+    query = attention.query(x).view(3, 5, 2, 8).transpose(1, 2)
+    key, value = attention.key_value(memory).view(3, 7, 2, 2, 8).unbind(2)
+    expected = F.scaled_dot_product_attention(query, key.transpose(1, 2), value.transpose(1, 2), relative + padding)
+    expected = attention.out(expected.transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(out, expected)
+    expected_grads = torch.autograd.grad(expected, [relative, *attention.parameters()], gradient)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_decode_shares_a_users_states_among_its_beams():
+    """Decoding G sequences per user against the user's states equals decoding each against a copy."""
+    torch.manual_seed(2)
+    model = TIGER(sparse_semantic_ids(), codebook_size=4, config=TINY).eval()
+    states, mask = model.encode(torch.tensor([[0, 0, 3, 5], [1, 2, 3, 4]]))
+    tokens = torch.randint(2, 10, (2 * 3, 2))  # three sequences per user
+    grouped = model.decode(states, mask, tokens)
+    copied = model.decode(states.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), tokens)
+    torch.testing.assert_close(grouped, copied)
