@@ -5,5 +5,7 @@ leave-one-out split), ``soda.embeddings`` (offline sentence encoder), ``soda.tok
 (RQ-VAE semantic IDs), ``soda.recommender`` (TIGER with trie-constrained beam search),
 ``soda.alignment`` (joint tokenizer + recommender training, SODA's term), ``soda.letter`` and
 ``soda.etegrec`` (the other backbones), ``soda.baselines`` (MostPop, SASRec), ``soda.metrics``,
-``soda.train`` (loop and recipes).
+``soda.train`` (the training loop), ``soda.recipes`` (the runs and presets), ``soda.experiment``
+(the resumable reproduction experiment and its tables); helpers ``soda.atomic`` (atomic file
+writes), ``soda.progress`` (progress bars or log lines) and ``soda.distributed`` (torchrun).
 """

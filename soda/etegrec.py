@@ -17,16 +17,20 @@ SIGIR 2025) is a ``JointModel`` with two alignment terms, each added to whicheve
 
       L_PSA = InfoNCE(h → ẑ) + InfoNCE(ẑ → h)      (another row of the same item is no negative)
 
-Published weights: 1e-4 (SIA) and 3e-4 (PSA). The schedule (``Schedule``): alignment-free
-warm-up epochs that train the recommender only, then cycles of one tokenizer epoch and
-cycle_length − 1 = 1 recommender epoch, then a finetune of the recommender with the tokenizer
-frozen. The tokenizer is pre-trained first (the plain RQ-VAE). With ``soda``, SODA's term joins
-the two, on ETEGRec's schedule.
+Published weights: 1e-4 (SIA) and 3e-4 (PSA), both inside the paper's tuning range {1e-4 .. 5e-3};
+the tokenizer's learning rate 1e-4 (range {5e-5, 1e-4, 5e-4}). The schedule (``Schedule``):
+alignment-free warm-up epochs that train the recommender only, then cycles of one tokenizer epoch
+and cycle_length − 1 = 1 recommender epoch, then a finetune of the recommender with the tokenizer
+frozen until validation stops improving (ETEGRec's code alternates until early stopping, then
+finetunes from the best checkpoint; here the number of cycles is fixed). As in the paper (§4.1.4)
+the tokenizer reads the item embeddings of a trained SASRec (``item_embeddings="sasrec"``; the
+paper's are 256-d, ours SASRec's hidden size) and is pre-trained on them first (the plain
+RQ-VAE). With ``soda``, SODA's term joins the two, on ETEGRec's schedule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -38,19 +42,23 @@ from soda.tokenizer import RQVAE, mlp
 
 
 @dataclass
-class ETEGRecConfig(Schedule):
-    """ETEGRec's alignment weights and PSA temperature (Liu et al., SIGIR 2025) and its cycle of 2;
-    the number of warm-up and finetune epochs, the SIA temperature and the user MLP are ours."""
+class ETEGRecConfig:
+    """ETEGRec's alignment weights, PSA temperature, cycle of 2 and tokenizer learning rate (Liu et
+    al., SIGIR 2025) and its input, SASRec's item embeddings; the number of warm-up epochs and
+    cycles, the SIA temperature and the user MLP are ours."""
 
-    warmup_epochs: int = 10
-    cycle_length: int = 2
-    final_frozen_epochs: int = 20
+    schedule: Schedule = field(default_factory=lambda: Schedule(warmup_epochs=10, cycles=20, cycle_length=2))
+    item_embeddings: str = "sasrec"  # the tokenizer's input: sasrec | text
     sia_weight: float = 1e-4
     psa_weight: float = 3e-4
     sia_temperature: float = 1.0
     psa_temperature: float = 0.07
     user_hidden: int = 256  # the SIA user MLP: d_model -> user_hidden -> d
     backend: str = "auto"  # soda_kernels backend of the soft assignments: auto | triton | torch
+
+    def __post_init__(self):
+        if self.item_embeddings not in ("sasrec", "text"):
+            raise ValueError(f"item_embeddings must be sasrec or text, got {self.item_embeddings!r}")
 
 
 class SequenceItemAlignment(nn.Module):
@@ -109,4 +117,4 @@ class ETEGRec(JointModel):
         ]
         if soda is not None:
             alignments.append(SODAAlignment(d_model, tokenizer.config, soda))
-        super().__init__(recommender, tokenizer, item_embeddings, config, alignments)
+        super().__init__(recommender, tokenizer, item_embeddings, config.schedule, alignments)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import soda_kernels as sk
+from soda.progress import Progress
 
 
 @dataclass
@@ -221,8 +221,8 @@ def train_tokenizer(model: RQVAE, embeddings: torch.Tensor, progress: bool = Tru
         model.kmeans_init(embeddings[torch.randperm(len(embeddings))[: config.batch_size]])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     losses = []
-    bar = tqdm(range(config.epochs), desc="rq-vae", disable=not progress)
-    for _ in bar:
+    epochs = Progress(range(config.epochs), "rq-vae", enabled=progress)
+    for _ in epochs:
         epoch_loss = 0.0
         for batch in torch.randperm(len(embeddings)).split(config.batch_size):
             loss, _ = model(embeddings[batch], batch)
@@ -231,5 +231,5 @@ def train_tokenizer(model: RQVAE, embeddings: torch.Tensor, progress: bool = Tru
             optimizer.step()
             epoch_loss += loss.item() * len(batch)
         losses.append(epoch_loss / len(embeddings))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        epochs.set_postfix(f"loss {losses[-1]:.4f}")
     return losses

@@ -217,7 +217,7 @@ EPOCHS = 2
 # 280 training examples: 10 global batches of 27 (shares 14 + 13) and one of 10
 TRAINING = TrainConfig(epochs=EPOCHS, batch_size=27, lr=1e-2, warmup_steps=3, eval_batch_size=64)
 # recommender epochs with the alignment on (a tokenizer epoch's RQ-VAE loss is a per-rank mean)
-SCHEDULE = dict(warmup_epochs=0, final_frozen_epochs=EPOCHS, backend="torch")
+SCHEDULE = dict(warmup_epochs=0, cycles=0, backend="torch")
 
 
 def _fit_worker(rank: int, port: int, out_dir):
@@ -304,4 +304,4 @@ def test_torchrun_trains_tiger_with_soda_from_the_command_line(tmp_path, monkeyp
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(written["test"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     epochs = torch.load(tmp_path / "run" / "last.pt")["state"]["train_loss"]
-    assert len(epochs) == 4  # R T R R: three recommender epochs, the tokenizer's on top
+    assert len(epochs) == 5  # R T R T R: three recommender epochs, the two cycles' tokenizer epochs on top

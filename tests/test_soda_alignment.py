@@ -4,24 +4,26 @@ and switch, and tiny runs of every backbone x SODA through the recipe the CLI us
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-import soda.train
+import soda.recipes
 from soda.__main__ import build_parser, configure
-from soda.alignment import RECOMMENDER, TOKENIZER, SODAConfig
+from soda.alignment import RECOMMENDER, TOKENIZER, Schedule, SODAConfig
 from soda.baselines import SASRecConfig
 from soda.data import SequentialDataset
 from soda.etegrec import ETEGRecConfig
 from soda.letter import LETTERConfig
+from soda.recipes import PRESETS, RunConfig, train_generative
 from soda.recommender import RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig
-from soda.train import PRESETS, RunConfig, TrainConfig, fit, train_generative
-from tests.test_soda_parity import JOINT_VARIANTS, tiny_soda, train_tiny_soda
+from soda.train import TrainConfig, fit
+from tests.test_soda_parity import BATCH, JOINT_VARIANTS, tiny_soda, train_tiny_soda
 from tests.test_soda_train import NUM_ITEMS, cyclic_split
 
-TINY_SODA = SODAConfig(user_hidden=16, warmup_epochs=0, cycle_length=2, final_frozen_epochs=2, backend="torch")
+TINY_SODA = SODAConfig(user_hidden=16, backend="torch")
 
 
 def test_layer_residuals_subtract_the_codewords_chosen_before():
@@ -40,9 +42,9 @@ def test_layer_residuals_subtract_the_codewords_chosen_before():
     )
 
 
-def test_schedule_warms_up_alternates_and_ends_frozen():
-    config = SODAConfig(warmup_epochs=1, cycle_length=3, final_frozen_epochs=2)
-    phases = [config.phase(epoch, 9) for epoch in range(9)]
+def test_schedule_warms_up_alternates_its_cycles_and_stays_frozen():
+    schedule = Schedule(warmup_epochs=1, cycles=2, cycle_length=3)
+    phases = [schedule.phase(epoch) for epoch in range(10)]
     assert phases == [
         (RECOMMENDER, False),
         (TOKENIZER, True),
@@ -51,25 +53,28 @@ def test_schedule_warms_up_alternates_and_ends_frozen():
         (TOKENIZER, True),
         (RECOMMENDER, True),
         (RECOMMENDER, True),
-        (RECOMMENDER, True),
-        (RECOMMENDER, True),
+        *[(RECOMMENDER, True)] * 3,  # frozen from alternation_epochs on, however long the run
     ]
+    assert schedule.alternation_epochs == 7
 
 
-@pytest.mark.parametrize("warmup, cycle, final", [(1, 2, 1), (1, 3, 2), (2, 4, 1), (0, 2, 0), (3, 2, 3)])
+@pytest.mark.parametrize("warmup, cycles, cycle", [(1, 2, 2), (1, 2, 3), (2, 1, 4), (0, 3, 2), (3, 0, 2), (1, 9, 2)])
 @pytest.mark.parametrize("recommender_epochs", [1, 2, 4, 7, 10])
-def test_schedule_gives_the_recommender_its_plain_epochs(warmup, cycle, final, recommender_epochs):
-    config = SODAConfig(warmup_epochs=warmup, cycle_length=cycle, final_frozen_epochs=final)
-    epochs = config.epochs(recommender_epochs)
-    phases = [config.phase(epoch, epochs)[0] for epoch in range(epochs)]
+def test_schedule_gives_the_recommender_its_plain_epochs(warmup, cycles, cycle, recommender_epochs):
+    schedule = Schedule(warmup_epochs=warmup, cycles=cycles, cycle_length=cycle)
+    epochs = schedule.epochs(recommender_epochs)
+    phases = [schedule.phase(epoch)[0] for epoch in range(epochs)]
     assert phases.count(RECOMMENDER) == recommender_epochs
-    # a tokenizer epoch only where a recommender epoch follows it
+    # a tokenizer epoch only where a recommender epoch follows it, and never more than the cycles
     assert all(phases[i + 1] == RECOMMENDER for i, phase in enumerate(phases) if phase == TOKENIZER)
+    assert phases.count(TOKENIZER) <= cycles
 
 
-def test_schedule_rejects_a_cycle_without_recommender_epochs():
+def test_schedule_and_switch_reject_what_they_cannot_do():
     with pytest.raises(ValueError, match="cycle_length"):
-        SODAConfig(cycle_length=1)
+        Schedule(cycle_length=1)
+    with pytest.raises(ValueError, match="side"):
+        SODAConfig(side="encoder")
 
 
 def test_cli_switch_configures_soda():
@@ -77,11 +82,12 @@ def test_cli_switch_configures_soda():
         return argparse.Namespace(preset="cpu", epochs=None, min_interactions=None, **soda_options)
 
     assert configure(args()).soda is None  # main / baselines: no SODA flags at all
-    options = dict(soda_weight=0.5, soda_temperature=2.0, soda_in_batch="both", soda_backend="torch")
+    options = dict(soda_weight=0.5, soda_temperature=2.0, soda_in_batch="both", soda_side="tokenizer")
+    options |= dict(soda_backend="torch")
     assert configure(args(soda=False, soda_symmetric=False, **options)).soda is None
     soda_config = configure(args(soda=True, soda_symmetric=True, **options)).soda
     assert (soda_config.weight, soda_config.temperature, soda_config.in_batch) == (0.5, 2.0, "both")
-    assert soda_config.symmetric and soda_config.backend == "torch"
+    assert soda_config.symmetric and soda_config.backend == "torch" and soda_config.side == "tokenizer"
 
 
 def test_cli_parses_every_backbone_with_and_without_soda():
@@ -103,8 +109,8 @@ def tiny_recipe(monkeypatch):
     """The recipe on the cyclic split with random 8-d item embeddings, and a tiny RunConfig."""
     split = cyclic_split()
     dataset = SequentialDataset("cycle", [], [""] * NUM_ITEMS)
-    monkeypatch.setattr(soda.train, "prepare_split", lambda *args: (dataset, split))
-    monkeypatch.setattr(soda.train, "item_embeddings", lambda *args: torch.randn(NUM_ITEMS, 8))
+    monkeypatch.setattr(soda.recipes, "prepare_split", lambda *args: (dataset, split))
+    monkeypatch.setattr(soda.recipes, "item_embeddings", lambda *args: torch.randn(NUM_ITEMS, 8))
     return RunConfig(
         tokenizer=TokenizerConfig(num_layers=2, codebook_size=8, latent_dim=4, hidden_dims=(16,), epochs=20),
         recommender=RecommenderConfig(
@@ -114,19 +120,23 @@ def tiny_recipe(monkeypatch):
         sasrec=SASRecConfig(hidden=16, dropout=0.0),
         sasrec_train=TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, eval_every=2),
         letter=LETTERConfig(clusters=3, recluster_every=5),
-        etegrec=ETEGRecConfig(warmup_epochs=1, final_frozen_epochs=2, user_hidden=16, backend="torch"),
+        etegrec=ETEGRecConfig(schedule=Schedule(warmup_epochs=1, cycles=1), user_hidden=16, backend="torch"),
+        schedule=Schedule(warmup_epochs=0, cycles=2),
     )
 
 
-# The recommender epochs of each run, four in all: SODA's schedule is T R T R R R (the last two
-# frozen), ETEGRec's R T R R R (a warm-up epoch without alignment first), the plain run's R R R R.
-RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 3, 4], "plain": [0, 1, 2, 3]}
+# The recommender epochs of each run, four in all: SODA's schedule is T R T R R R (two cycles, then
+# frozen), ETEGRec's R T R R R (a warm-up epoch without alignment first, one cycle), the plain
+# run's R R R R, and SODA on the recommender's side alone never trains the tokenizer.
+RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 3, 4], "plain": [0, 1, 2, 3], "frozen": [0, 1, 2, 3]}
 
 
 @pytest.mark.parametrize(
     "backbone, soda_config, schedule",
     [
         ("tiger", TINY_SODA, "soda"),
+        ("tiger", replace(TINY_SODA, side="recommender"), "frozen"),
+        ("tiger", replace(TINY_SODA, side="tokenizer"), "soda"),
         ("letter", None, "plain"),
         ("letter", TINY_SODA, "soda"),
         ("etegrec", None, "etegrec"),
@@ -134,20 +144,33 @@ RECOMMENDER_EPOCHS = {"soda": [1, 3, 4, 5], "etegrec": [0, 2, 3, 4], "plain": [0
     ],
 )
 def test_tiny_runs_train_through_the_recipe(tiny_recipe, tmp_path, backbone, soda_config, schedule):
-    config = soda.train.replace(tiny_recipe, soda=soda_config)
+    config = replace(tiny_recipe, soda=soda_config)
     result = train_generative(backbone, "cycle", config, tmp_path, torch.device("cpu"))
     train_loss = torch.load(tmp_path / "last.pt")["state"]["train_loss"]
     assert len(train_loss) == max(RECOMMENDER_EPOCHS[schedule]) + 1
     recommender_losses = [train_loss[epoch] for epoch in RECOMMENDER_EPOCHS[schedule]]
     assert recommender_losses[-1] < 0.8 * recommender_losses[0], train_loss
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["test"] == result["test"]
+    assert written["test"] == result["test"] and len(written["ranks"]["test"]) == len(cyclic_split().test)
     assert ("tokenizer_final" in written) == (schedule != "plain")
     assert ("codes_changed" in written.get("tokenizer_final", {})) == (schedule != "plain")
+    if schedule == "frozen":  # the tokenizer never trained: the codes did not move
+        assert written["tokenizer_final"]["codes_changed"] == 0.0
+
+
+def test_etegrec_tokenizer_reads_sasrec_item_embeddings(tiny_recipe, tmp_path):
+    config = replace(tiny_recipe, train=replace(tiny_recipe.train, epochs=1))
+    train_generative("etegrec", "cycle", config, tmp_path, torch.device("cpu"))
+    cf_embeddings = torch.load(tmp_path / "collaborative.pt")  # SASRec's 16-d item embeddings
+    tokenizer = torch.load(tmp_path / "tokenizer.pt")["model"]
+    assert tokenizer["encoder.0.weight"].shape[1] == cf_embeddings.shape[1] == 16  # not the 8-d text ones
+    text = replace(config, etegrec=replace(config.etegrec, item_embeddings="text"))
+    train_generative("etegrec", "cycle", text, tmp_path / "text", torch.device("cpu"))
+    assert torch.load(tmp_path / "text" / "tokenizer.pt")["model"]["encoder.0.weight"].shape[1] == 8
 
 
 def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, tmp_path, monkeypatch):
-    config = soda.train.replace(tiny_recipe, train=soda.train.replace(tiny_recipe.train, epochs=1))
+    config = replace(tiny_recipe, train=replace(tiny_recipe.train, epochs=1))
     train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"))
     cf_embeddings = torch.load(tmp_path / "collaborative.pt")
     assert cf_embeddings.shape == (NUM_ITEMS, 16) and (tmp_path / "sasrec" / "best.pt").exists()
@@ -157,8 +180,8 @@ def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, 
     def no_sasrec(*args):
         raise AssertionError("--resume retrained SASRec")
 
-    monkeypatch.setattr(soda.train, "train_sasrec", no_sasrec)
-    config = soda.train.replace(config, train=soda.train.replace(config.train, epochs=2))
+    monkeypatch.setattr(soda.recipes, "train_sasrec", no_sasrec)
+    config = replace(config, train=replace(config.train, epochs=2))
     train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"), resume=True)
     assert len(torch.load(tmp_path / "last.pt")["state"]["train_loss"]) == 2
 
@@ -175,7 +198,7 @@ def test_codes_are_rederived_after_a_tokenizer_epoch(variant):
 
 
 def test_joint_training_gives_the_tokenizer_its_own_learning_rate(tmp_path):
-    model = tiny_soda(tokenizer_lr=3e-4, warmup_epochs=0, final_frozen_epochs=0, backend="torch")  # a tokenizer epoch
+    model = tiny_soda(tokenizer_lr=3e-4, backend="torch")  # a tokenizer epoch first
     recommender_group, tokenizer_group = model.param_groups()
     assert [id(p) for p in tokenizer_group["params"]] == [id(p) for p in model.tokenizer.parameters()]
     assert len(recommender_group["params"]) + len(tokenizer_group["params"]) == len(list(model.parameters()))
@@ -187,3 +210,31 @@ def test_joint_training_gives_the_tokenizer_its_own_learning_rate(tmp_path):
     saved = torch.load(tmp_path / "last.pt")["optimizer"]["param_groups"]
     assert saved[0]["lr"] == pytest.approx(1e-2 * warmup) and saved[1]["lr"] == pytest.approx(3e-4 * warmup)
     assert not torch.equal(model.tokenizer.codebooks, before)
+
+
+@pytest.mark.parametrize("side", ["both", "tokenizer"])
+def test_soda_on_the_tokenizer_side_sends_no_gradient_into_the_encoder(side):
+    split = cyclic_split()
+    histories, targets = split.train.histories[:BATCH], split.train.targets[:BATCH]
+    model = tiny_soda(side=side, backend="torch", cycles=0)  # recommender epochs with the term
+    model.start_epoch(0)
+    model.loss(histories, targets).backward()
+    with_term = [p.grad.clone() for p in model.recommender.encoder.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.alignments.parameters())  # the head
+    model.zero_grad(set_to_none=True)
+    model.recommender.loss(histories, targets).backward()
+    code_loss_only = [p.grad for p in model.recommender.encoder.parameters()]
+    same = all(torch.allclose(a, b) for a, b in zip(with_term, code_loss_only, strict=True))
+    assert same == (side == "tokenizer")
+
+
+@pytest.mark.parametrize("side", ["both", "recommender"])
+def test_soda_on_the_recommender_side_leaves_the_tokenizer_epochs_alone(side):
+    split = cyclic_split()
+    histories, targets = split.train.histories[:BATCH], split.train.targets[:BATCH]
+    model = tiny_soda(side=side, backend="torch")  # no warm-up: a tokenizer epoch first
+    model.start_epoch(0)
+    assert model.phase == TOKENIZER
+    rows = targets.unique() - 1
+    rqvae_loss, _ = model.tokenizer(model.item_embeddings[rows], rows)
+    assert torch.isclose(model.loss(histories, targets), rqvae_loss).item() == (side == "recommender")

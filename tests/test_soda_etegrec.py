@@ -16,7 +16,8 @@ from tests.test_soda_train import cyclic_split
 
 def test_published_defaults():
     config = ETEGRecConfig()
-    assert (config.sia_weight, config.psa_weight, config.psa_temperature, config.cycle_length) == (1e-4, 3e-4, 0.07, 2)
+    assert (config.sia_weight, config.psa_weight, config.psa_temperature) == (1e-4, 3e-4, 0.07)
+    assert (config.schedule.cycle_length, config.schedule.tokenizer_lr, config.item_embeddings) == (2, 1e-4, "sasrec")
 
 
 def test_soft_assignment_prefers_the_nearer_codeword():
@@ -110,7 +111,7 @@ def test_each_epoch_trains_the_side_its_phase_names():
     epochs = 5
     changed, phases = [], []
     for epoch in range(epochs):
-        model.start_epoch(epoch, epochs)
+        model.start_epoch(epoch)
         phases.append(model.phase if model.align else "warm-up")
         before = {name: value.clone() for name, value in model.named_parameters()}
         for step in range(STEPS_PER_EPOCH):

@@ -1,11 +1,11 @@
-"""Recall@k and NDCG@k on a case worked out by hand."""
+"""Recall@k and NDCG@k on a case worked out by hand, from each user's rank of its target."""
 
 import math
 
 import pytest
 import torch
 
-from soda.metrics import ranking_metrics
+from soda.metrics import ranking_metrics, target_ranks
 
 
 def test_ranking_metrics_hand_computed():
@@ -17,8 +17,9 @@ def test_ranking_metrics_hand_computed():
             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],  # target 12 missing
         ]
     )
-    targets = torch.tensor([7, 8, 5, 12])
-    metrics = ranking_metrics(ranked, targets)
+    ranks = target_ranks(ranked, torch.tensor([7, 8, 5, 12]))
+    assert ranks.tolist() == [0, 6, 2, -1]
+    metrics = ranking_metrics(ranks)
     assert metrics["recall@5"] == pytest.approx(2 / 4)
     assert metrics["recall@10"] == pytest.approx(3 / 4)
     assert metrics["ndcg@5"] == pytest.approx((1 + 1 / math.log2(4)) / 4)
@@ -26,5 +27,6 @@ def test_ranking_metrics_hand_computed():
 
 
 def test_padding_never_hits():
-    metrics = ranking_metrics(torch.zeros(2, 10, dtype=torch.long), torch.tensor([1, 2]))
-    assert metrics == {"recall@5": 0.0, "ndcg@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0}
+    ranks = target_ranks(torch.zeros(2, 10, dtype=torch.long), torch.tensor([1, 2]))
+    assert ranks.tolist() == [-1, -1]
+    assert ranking_metrics(ranks) == {"recall@5": 0.0, "ndcg@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0}

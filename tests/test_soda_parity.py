@@ -5,7 +5,7 @@ assignments through codebook_log_softmax, too)."""
 import pytest
 import torch
 
-from soda.alignment import SODA, JointModel, SODAConfig
+from soda.alignment import SODA, JointModel, Schedule, SODAConfig
 from soda.etegrec import ETEGRec, ETEGRecConfig
 from soda.letter import LETTERConfig, LETTERLosses
 from soda.recommender import TIGER, RecommenderConfig
@@ -16,10 +16,14 @@ EPOCHS, STEPS_PER_EPOCH, BATCH = 4, 6, 8
 JOINT_VARIANTS = ("tiger+soda", "letter+soda", "etegrec", "etegrec+soda")
 
 
+SCHEDULE_FIELDS = ("warmup_epochs", "cycles", "cycle_length", "tokenizer_lr")
+
+
 def tiny_soda(seed: int = 0, variant: str = "tiger+soda", **options) -> JointModel:
     """Tokenizer (L=2, K=8, d=4) + one-layer TIGER without dropout, initialised from ``seed``,
     joined as ``variant`` (one of JOINT_VARIANTS; LETTER's CF embeddings random) with every
-    alignment weight 1; ``options``: SODAConfig's (the schedule and backend go to ETEGRec's too)."""
+    alignment weight 1; ``options``: Schedule's fields (default: no warm-up, cycles without end)
+    and SODAConfig's (the backend goes to ETEGRec's too)."""
     torch.manual_seed(seed)
     embeddings = torch.randn(NUM_ITEMS, 8)
     regularizer = None
@@ -32,12 +36,14 @@ def tiny_soda(seed: int = 0, variant: str = "tiger+soda", **options) -> JointMod
         num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, head_dim=8, d_ff=32, dropout=0.0
     )
     recommender = TIGER(tokenizer.semantic_ids(embeddings), 8, recommender_config, extra_codes=NUM_ITEMS)
-    soda = SODAConfig(weight=1.0, user_hidden=16, **options)
+    schedule_options = {name: value for name, value in options.items() if name in SCHEDULE_FIELDS}
+    soda_options = {name: value for name, value in options.items() if name not in SCHEDULE_FIELDS}
+    schedule = Schedule(**{"warmup_epochs": 0, "cycles": 100, **schedule_options})
+    soda = SODAConfig(weight=1.0, user_hidden=16, **soda_options)
     if variant.startswith("etegrec"):
-        shared = {name: options[name] for name in ("warmup_epochs", "cycle_length", "backend") if name in options}
-        config = ETEGRecConfig(final_frozen_epochs=1, sia_weight=1.0, psa_weight=1.0, user_hidden=16, **shared)
+        config = ETEGRecConfig(schedule, sia_weight=1.0, psa_weight=1.0, user_hidden=16, backend=soda.backend)
         return ETEGRec(recommender, tokenizer, embeddings, config, soda if variant.endswith("+soda") else None)
-    return SODA(recommender, tokenizer, embeddings, soda)
+    return SODA(recommender, tokenizer, embeddings, soda, schedule)
 
 
 def train_tiny_soda(
@@ -46,10 +52,10 @@ def train_tiny_soda(
     """``tiny_soda``; 24 steps: tokenizer, recommender, tokenizer, frozen-tokenizer epochs.
     Appends the loss of each step to ``losses``."""
     split = cyclic_split()
-    model = tiny_soda(variant=variant, warmup_epochs=0, cycle_length=2, backend=backend)
+    model = tiny_soda(variant=variant, warmup_epochs=0, cycles=2, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for epoch in range(epochs):
-        model.start_epoch(epoch, epochs)
+        model.start_epoch(epoch)
         for step in range(STEPS_PER_EPOCH):
             batch = torch.arange(step * BATCH, (step + 1) * BATCH)
             loss = model.loss(split.train.histories[batch], split.train.targets[batch])

@@ -1,11 +1,16 @@
-"""A tiny end-to-end run: tokenizer, TIGER and SASRec train on synthetic sequences."""
+"""The training loop: tiny end-to-end runs of the tokenizer, TIGER and SASRec on synthetic sequences,
+early stopping, the loss read back every few steps, and progress in a log."""
 
 import json
+from dataclasses import replace
 
+import pytest
 import torch
+import torch.nn as nn
 
 from soda.baselines import MostPop, SASRec, SASRecConfig
 from soda.data import SequentialDataset, leave_one_out
+from soda.progress import Progress
 from soda.recommender import TIGER, RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig, train_tokenizer
 from soda.train import TrainConfig, evaluate, fit
@@ -51,9 +56,7 @@ def test_tiger_end_to_end_improves_and_resumes(tmp_path):
     assert after_two < 0.9 * initial
 
     # --resume picks the run up after epoch 2 and trains the remaining epochs only.
-    result = fit(
-        model, split, TrainConfig(**{**training.__dict__, "epochs": 8}), tmp_path, torch.device("cpu"), resume=True
-    )
+    result = fit(model, split, replace(training, epochs=8), tmp_path, torch.device("cpu"), resume=True)
     state = torch.load(tmp_path / "last.pt")["state"]
     assert state["epoch"] == 8 and len(state["train_loss"]) == 8
     assert mean_loss(model, split.train) < after_two
@@ -87,3 +90,89 @@ def test_mostpop_counts_exactly_the_training_items():
     assert top.tolist() == [[2, 1, 3, 4]] * 3  # counts 5, 2, 2 (ties by id), then unseen items
     metrics = evaluate(mostpop, split.test, 2, torch.device("cpu"))
     assert metrics["recall@10"] == 1.0  # 10 of 9 items: everything is in the list
+
+
+class Scripted(nn.Module):
+    """A recommender whose validation Recall@10 after epoch e (1-based) is ``quality[e - 1]``: it
+    ranks a user's target first for that share of the users. Its one parameter trains; the epoch
+    it last trained in is a buffer, so a checkpoint remembers which epoch it holds."""
+
+    def __init__(self, quality: list[float]):
+        super().__init__()
+        self.quality = quality
+        self.weight = nn.Parameter(torch.ones(()))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.started = []
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.weight]}]
+
+    def start_epoch(self, epoch: int) -> None:
+        self.started.append(epoch)
+        self.epoch.fill_(epoch + 1)
+
+    def loss(self, histories, targets):
+        return (self.weight - 2.0) ** 2
+
+    def recommend(self, histories, k):
+        # the target is the item after the history's last (the cycle); first for the first users
+        targets = histories[:, -1] % NUM_ITEMS + 1
+        hits = torch.arange(len(histories)) < round(self.quality[int(self.epoch) - 1] * len(histories))
+        return torch.where(hits[:, None], targets[:, None], 0).expand(-1, k)
+
+
+def test_early_stopping_stops_after_patience_evaluations_and_tests_the_best_epoch(tmp_path):
+    split = cyclic_split()
+    quality = [0.2, 0.5, 0.4, 0.5, 0.45, 0.9, 0.1, 0.1]  # best at epoch 2; 3, 4, 5 do not beat it
+    model = Scripted(quality)
+    config = TrainConfig(epochs=8, batch_size=64, warmup_steps=1, patience=3)
+    result = fit(model, split, config, tmp_path, torch.device("cpu"))
+    assert model.started == [0, 1, 2, 3, 4]  # epoch 6 (0.9) never trains
+    assert result["best_epoch"] == 2 and result["epochs"] == 5
+    assert result["valid"]["recall@10"] == pytest.approx(0.5, abs=1 / len(split.valid))  # the best checkpoint's
+    assert sum(0 <= rank < 10 for rank in result["ranks"]["valid"]) == round(0.5 * len(split.valid))
+    # a resumed run that already stopped trains nothing more
+    resumed = Scripted(quality)
+    fit(resumed, split, replace(config, epochs=20), tmp_path, torch.device("cpu"), resume=True)
+    assert resumed.started == []
+    # without patience every epoch trains and the best is epoch 6
+    assert (
+        fit(Scripted(quality), split, replace(config, patience=None), tmp_path / "all", torch.device("cpu"))[
+            "best_epoch"
+        ]
+        == 6
+    )
+
+
+def test_patience_counts_only_from_the_frozen_phase(tmp_path):
+    quality = [0.5, 0.2, 0.2, 0.2, 0.3, 0.4, 0.3, 0.3, 0.3]  # the alternation (epochs 1-4) falls, then recovers
+    model = Scripted(quality)
+    config = TrainConfig(epochs=9, batch_size=64, warmup_steps=1, patience=2)
+    result = fit(model, cyclic_split(), config, tmp_path, torch.device("cpu"), patience_from=4)
+    # epochs 5 and 6 are the first two evaluations that count; neither beats epoch 1, so it stops
+    assert model.started == [0, 1, 2, 3, 4, 5] and result["best_epoch"] == 1
+
+
+def test_fit_reads_the_loss_back_every_log_every_steps_not_every_step(tmp_path, monkeypatch):
+    split = cyclic_split()  # 280 training examples: 35 steps of 8 per epoch
+    loss_reads, item = [], torch.Tensor.item
+
+    def counted_item(tensor):
+        loss_reads.append(tensor.grad_fn is not None)  # a tensor in the graph: the loss
+        return item(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    for log_every, reads in ((1000, 0), (10, 7)):  # 70 steps: none, or the 10th, 20th, ... 70th
+        loss_reads.clear()
+        config = TrainConfig(epochs=2, batch_size=8, warmup_steps=1, eval_every=2, log_every=log_every)
+        fit(Scripted([0.5, 0.5]), split, config, tmp_path / str(log_every), torch.device("cpu"))
+        assert sum(loss_reads) == reads
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
+    items = list(Progress(range(3), "work", interval=0.0))
+    assert items == [0, 1, 2]
+    err = capsys.readouterr().err  # pytest's stderr is no terminal
+    assert "\r" not in err and err.splitlines()[-1].startswith("work: 3/3 (")
+    list(Progress(range(3), "quiet", enabled=False))
+    assert capsys.readouterr().err == ""
