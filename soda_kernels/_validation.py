@@ -59,7 +59,8 @@ def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> No
     """Every entry of ``value`` lies in [low, high)."""
     if value.numel() == 0:
         return
-    smallest, largest = int(value.min()), int(value.max())
+    bounds = torch.aminmax(value)  # one reduction (a kernel and a host synchronisation on a GPU)
+    smallest, largest = int(bounds.min), int(bounds.max)
     if smallest < low or largest >= high:
         bad = smallest if smallest < low else largest
         padding = " (-1 is padding)" if low == -1 else ""

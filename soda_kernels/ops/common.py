@@ -89,7 +89,7 @@ def launch_config(kind: str, **sizes: int) -> dict:
                 d in BLOCK_D chunks for the logits, whole (BLOCK_DIM) for the residual gradients;
                 ``wide``: float32 operands
       "scores"  (features, wide): in-batch score tiles, forward
-      "grads"   (features, wide): in-batch score tiles, backward (and the width of a gradient chunk)
+      "grads"   (features, wide): in-batch score tiles, backward (and the gradient chunks' width)
       "reduce"  (): one-program reductions over B
       "partials" (): elementwise sums of per-program partials
       "match"   (width): rows summed over equal indices
@@ -98,12 +98,14 @@ def launch_config(kind: str, **sizes: int) -> dict:
         block_dim = _pow2(sizes["dim"])
         block_d = min(block_dim, 32 if sizes["wide"] else 64)
         if INTERPRETER:
-            return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d, BLOCK_DIM=block_dim)
+            return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d, BLOCK_DIM=block_dim, PROGRAMS=2)
         # the residual-gradient tiles (rows, d) and (codes, d) stay near 4K float32 elements each
-        block_r = max(16, min(64, 4096 // block_dim))
+        block_r = max(16, min(32, 4096 // block_dim))
         block_k = max(16, min(_pow2(sizes["codes"], high=32), 4096 // block_dim))
-        return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DIM=block_dim, num_warps=8,
-                    num_stages=2)
+        # PROGRAMS: programs a layer and side when a kernel sums codebook partials over row blocks
+        # (each partial is L K d floats: 16 of them keep the buffer small and fill a GPU with L >= 3)
+        return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DIM=block_dim, PROGRAMS=16,
+                    num_warps=8, num_stages=2)
     if kind == "scores":
         if INTERPRETER:
             return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32)
@@ -112,13 +114,11 @@ def launch_config(kind: str, **sizes: int) -> dict:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_F=64, num_warps=8, num_stages=3)
     if kind == "grads":
         if INTERPRETER:
-            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32, BLOCK_G=32)
-        # a (BLOCK_M, BLOCK_G) float32 gradient chunk on chip; S is recomputed once per chunk
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_F=32, BLOCK_G=16)
+        # a (BLOCK_M, BLOCK_N) tile of S and of C on chip, the gradient rows in BLOCK_G chunks
         if sizes["wide"]:
-            return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_F=32, BLOCK_G=_pow2(sizes["features"], high=128),
-                        num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=64, BLOCK_G=_pow2(sizes["features"], high=256),
-                    num_warps=8, num_stages=3)
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, BLOCK_G=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_F=64, BLOCK_G=64, num_warps=8, num_stages=3)
     if kind == "reduce":
         return dict(BLOCK=64) if INTERPRETER else dict(BLOCK=1024, num_warps=8)
     if kind == "partials":

@@ -24,7 +24,7 @@ per column ("users") into per-row-block partials, with the valid counts; ``_fini
 the partials in a fixed order and applies the reduction. Saved for backward: the inputs, the
 counts T_b and their total: O(B).
 
-Backward (6 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/dS off the diagonal is
+Backward (5 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/dS off the diagonal is
 
     C[b, m] = valid(b, m) (g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users])
 
@@ -33,13 +33,16 @@ and the diagonal collects dS[b, b] = -(sum_m C_items[b, m] + sum_m C_users[m, b]
     dA = C Bm,   dBm = C^T A,   drb = C 1,   dcb = C^T 1       (plus the diagonal's own terms)
 
 ``_prologue_kernel`` runs again; ``_backward_kernel`` has two kinds of programs, like
-FlashAttention-2's dQ and dK/dV passes: a row program owns a block of rows and a chunk of F,
-streams every column tile, recomputes S and C on chip and accumulates its chunk of dA (and rb's
-and the diagonal's row sums); a column program does the same for dBm with S^T = Bm A^T, which
-is the row program with the operands, the biases and the roles of "items" and "users" swapped
-(``_stream_other_side`` serves both). No atomics. ``_epilogue_kernel`` adds the diagonal's
-terms and takes each side to its inputs (below); the item rows are summed over repeated
-positives by ``sum_rows_by_index`` and the codebook partials by ``sum_partials``.
+FlashAttention-2's dQ and dK/dV passes: a row program owns a block of rows and streams every
+block of columns, recomputing S and C on chip once per tile and accumulating dA (and the row
+sums for rb and the diagonal) in its own rows; a column program does the same for dBm with
+S^T = Bm A^T, which is the row program with the operands, the biases and the roles of "items"
+and "users" swapped (``_stream_other_side`` serves both). F = L K is too wide for a program's
+rows of dA to stay in registers, so they are accumulated in global memory (L2) chunk by chunk,
+each row written by one program only: no atomics, a fixed order, no recomputation of S.
+``_epilogue_kernel`` adds the diagonal's terms and takes each side to its inputs (below); the
+item rows are summed over repeated positives by ``sum_rows_by_index`` and the codebook partials
+(one per program and side, each program summing its row blocks) by ``sum_partials``.
 
 Epilogue, one side, one layer, with G = that side's operand gradient (halves G1, G2) and db its
 bias gradient. For the users (r = Q, X1 = w log r, X2 = w r, bias = -w r . log r, symmetric
@@ -281,20 +284,22 @@ def _stream_other_side(
     BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One backward program: a block of "own" rows (rows of A, or rows of Bm) and a chunk of
-    BLOCK_G features, streaming every tile of the other side.
+    """One backward program: a block of "own" rows (rows of A, or rows of Bm) streaming the other
+    side in blocks of BLOCK_X rows.
 
     With T = own_ops other_ops^T + own_bias + other_bias (a tile of S, or of S^T) and
     C = valid (g_own sigmoid(T - diag_own) [OWN_TERMS] + g_other sigmoid(T - diag_other) [OTHER_TERMS]):
 
-        grad_own[own, chunk] = sum over other of C other_ops[:, chunk]       (B, F) float32
-        own_sum[own]         = sum over other of C                            (written by chunk 0)
-        own_diag[own]        = sum over other of the OWN_TERMS part of C      (written by chunk 0)
+        grad_own[own]  = sum over other of C other_ops              (B, F) float32
+        own_sum[own]   = sum over other of C                         (B,)
+        own_diag[own]  = sum over other of the OWN_TERMS part of C   (B,)
 
-    Rows of A own the "items" terms (anchored at S[b, b] of their row), rows of Bm the "users"
-    terms (anchored at the diagonal of their column).
+    Each tile of T and C is computed once; grad_own's rows, which only this program touches, are
+    accumulated through global memory (L2) in chunks of BLOCK_G features, one read-modify-write a
+    chunk and other block, so F may be large without recomputing T. Rows of A own the "items"
+    terms (anchored at S[b, b] of their row), rows of Bm the "users" terms (anchored at the
+    diagonal of their column).
     """
-    chunk = tl.program_id(1)
     own_start = block * BLOCK_O
     own = own_start + tl.arange(0, BLOCK_O)
     own_mask = own < batch
@@ -302,9 +307,8 @@ def _stream_other_side(
     own_diag = tl.load(diag_ptr + own, mask=own_mask, other=0.0)
     own_bias = tl.load(own_bias_ptr + own, mask=own_mask, other=0.0)
     own_scale = row_scale(grad_ptr, counts_ptr, total_ptr, own, own_mask, REDUCTION)
-    features = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
-    feature_mask = features < num_features
-    grad = tl.zeros((BLOCK_O, BLOCK_G), tl.float32)
+    grad_base = grad_own_ptr + tl.cast(own_start, tl.int64) * num_features
+    offs_g = tl.arange(0, BLOCK_G)
     coeff_sum = tl.zeros((BLOCK_O,), tl.float32)
     diag_sum = tl.zeros((BLOCK_O,), tl.float32)
     for other_start in range(0, batch, BLOCK_X):
@@ -324,16 +328,20 @@ def _stream_other_side(
             other_scale = row_scale(grad_ptr, counts_ptr, total_ptr, other, other_mask, REDUCTION)
             coeff += tl.where(valid, other_scale[None, :] * sigmoid(scores - other_diag[None, :]), 0.0)
         coeff_sum += tl.sum(coeff, axis=1)
+        coeff = coeff.to(other_ptr.dtype.element_ty)
         other_base = other_ptr + tl.cast(other_start, tl.int64) * num_features
-        other_chunk = tl.load(other_base + tl.arange(0, BLOCK_X)[:, None] * num_features + features[None, :],
-                              mask=other_mask[:, None] & feature_mask[None, :], other=0.0)
-        grad = mma(coeff.to(other_chunk.dtype), other_chunk, grad, PRECISION)
-    own_base = grad_own_ptr + tl.cast(own_start, tl.int64) * num_features
-    tl.store(own_base + tl.arange(0, BLOCK_O)[:, None] * num_features + features[None, :], grad,
-             mask=own_mask[:, None] & feature_mask[None, :])
-    if chunk == 0:
-        tl.store(own_sum_ptr + own, coeff_sum, mask=own_mask)
-        tl.store(own_diag_ptr + own, diag_sum, mask=own_mask)
+        for g_start in range(0, num_features, BLOCK_G):
+            g_mask = g_start + offs_g < num_features
+            grad_tile = grad_base + g_start + tl.arange(0, BLOCK_O)[:, None] * num_features + offs_g[None, :]
+            tile_mask = own_mask[:, None] & g_mask[None, :]
+            grad = tl.load(grad_tile, mask=tile_mask & (other_start > 0), other=0.0)  # the first block starts at 0
+            other_chunk = tl.load(other_base + g_start + tl.arange(0, BLOCK_X)[:, None] * num_features
+                                  + offs_g[None, :], mask=other_mask[:, None] & g_mask[None, :], other=0.0)
+            grad = mma(coeff, other_chunk, grad, PRECISION)
+            tl.store(grad_tile, grad, mask=tile_mask)
+        tl.debug_barrier()  # the next block reads these rows back, possibly in other threads
+    tl.store(own_sum_ptr + own, coeff_sum, mask=own_mask)
+    tl.store(own_diag_ptr + own, diag_sum, mask=own_mask)
 
 
 @triton.jit
@@ -346,7 +354,7 @@ def _backward_kernel(
     PRECISION: tl.constexpr,
 ):
     """Row programs (program_id(0) < num_row_blocks: dA, drb) and column programs (the rest:
-    dBm, dcb) in one launch; grid (row blocks + column blocks, feature chunks).
+    dBm, dcb) in one launch; grid (row blocks + column blocks,).
 
     grad_a_ptr, grad_bm_ptr: (B, F) float32; sums_ptr: (2, B) <- (C 1 = drb off the diagonal,
     C^T 1 = dcb off the diagonal); diag_parts_ptr: (2, B) <- the "items" and "users" shares of
@@ -366,7 +374,7 @@ def _backward_kernel(
 @triton.jit
 def _epilogue_side(
     src_ptr, rows, row_mask, src_rows, codebooks_ptr, weight, lse, own_grad_ptr, partner_ptr, grad_diag, bias_grad,
-    grad_out_ptr, codebook_part_ptr, part, layer, num_layers, num_codes, dim, inv_temperature,
+    grad_out_ptr, codebook_part_ptr, part, accumulate, layer, num_layers, num_codes, dim, inv_temperature,
     IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -377,7 +385,7 @@ def _epilogue_side(
     (B, F) this side's operand gradient and the other side's operands (for the diagonal's terms);
     grad_diag, bias_grad (BLOCK_R,) dS[b, b] and the side's full bias gradient. Writes
     grad_out_ptr: the side's gradient rows (B, L, d) (or dz (B, L, K) when FROM_LOGITS) and,
-    for residuals, codebook_part_ptr[part, block, layer] (K, d) float32.
+    for residuals, adds to (``accumulate``) or sets codebook_part_ptr[part, layer] (K, d) float32.
     """
     width = num_codes if FROM_LOGITS else dim
     src_layer = src_ptr + layer * width
@@ -400,7 +408,7 @@ def _epilogue_side(
             log_r = tl.where(tile_mask, logits - lse[:, None], 0.0)
             r = tl.where(tile_mask, tl.exp(log_r), 0.0)
             first = rows[:, None] * num_features + layer * num_codes + codes[None, :]
-            g1 = tl.load(own_grad_ptr + first, mask=tile_mask, other=0.0)
+            g1 = tl.load(own_grad_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)
             g1 += grad_diag[:, None] * tl.load(partner_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)
             if IS_USER:
                 grad_log = weight * g1
@@ -409,7 +417,7 @@ def _epilogue_side(
             if SYMMETRIC or not IS_USER:  # the side's bias -w r . log r
                 grad_log -= weight * r * log_r * bias_grad[:, None]
             if SYMMETRIC:
-                g2 = tl.load(own_grad_ptr + half + first, mask=tile_mask, other=0.0)
+                g2 = tl.load(own_grad_ptr + half + first, mask=tile_mask, other=0.0).to(tl.float32)
                 g2 += grad_diag[:, None] * tl.load(partner_ptr + half + first, mask=tile_mask, other=0.0).to(tl.float32)
                 if IS_USER:
                     grad_log += weight * r * g2
@@ -427,9 +435,13 @@ def _epilogue_side(
                     c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
                     grad_x, grad_c = project_logit_grad(grad_logits, x, c, PRECISION)
                     grad_rows += grad_x
-                    part_layer = codebook_part_ptr + (part * num_layers + layer) * num_codes * dim
-                    tl.store(part_layer + codes[:, None] * dim + offs_d[None, :], 2.0 * inv_temperature * grad_c,
-                             mask=code_mask[:, None] & (offs_d < dim)[None, :])
+                    part_layer = codebook_part_ptr + (part.to(tl.int64) * num_layers + layer) * num_codes * dim
+                    part_tile = part_layer + codes[:, None] * dim + offs_d[None, :]
+                    part_mask = code_mask[:, None] & (offs_d < dim)[None, :]
+                    grad_c = 2.0 * inv_temperature * grad_c
+                    if accumulate:
+                        grad_c += tl.load(part_tile, mask=part_mask, other=0.0)
+                    tl.store(part_tile, grad_c, mask=part_mask)
     if not FROM_LOGITS:
         out = grad_out_ptr + rows[:, None] * row_stride + layer * dim + offs_d[None, :]
         tl.store(out, (2.0 * inv_temperature * grad_rows).to(grad_out_ptr.dtype.element_ty),
@@ -445,39 +457,43 @@ def _epilogue_kernel(
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (row blocks, L, 2 sides: 0 users, 1 items): operand gradients -> log-probability
-    gradients -> logit gradients -> residual gradients and the program's codebook partial.
+    """Grid (P, L, 2 sides: 0 users, 1 items); program p takes the row blocks p, p + P, ... in
+    order: operand gradients -> log-probability gradients -> logit gradients -> residual
+    gradients, and its partial of the codebook gradient summed over its blocks.
 
     Inputs as the prologue and the backward kernel write them. Writes grad_user_ptr: (B, L, d) in
     the user's dtype, or (B, L, K) for USER_LOGITS; item_row_grad_ptr: (B, L, d) float32, the
     gradient of row b's positive (summed over repeated positives afterwards); codebook_part_ptr:
-    (sides with residuals, row blocks, L, K, d) float32.
+    (sides with residuals, P, L, K, d) float32.
     """
-    block, layer = tl.program_id(0), tl.program_id(1)
-    rows = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < batch
+    program, layer = tl.program_id(0), tl.program_id(1)
     weight = tl.load(weights_ptr + layer)
-    grad_diag = -(tl.load(diag_parts_ptr + rows, mask=row_mask, other=0.0)
-                  + tl.load(diag_parts_ptr + batch + rows, mask=row_mask, other=0.0))
-    if tl.program_id(2) == 0:
-        lse = tl.load(lse_ptr + rows * num_layers + layer, mask=row_mask, other=0.0)
-        bias_grad = tl.load(sums_ptr + rows, mask=row_mask, other=0.0) + grad_diag
-        _epilogue_side(user_ptr, rows, row_mask, rows, codebooks_ptr, weight, lse, grad_a_ptr, bm_ptr, grad_diag,
-                       bias_grad, grad_user_ptr, codebook_part_ptr, block, layer, num_layers, num_codes, dim,
-                       inv_user_temperature, True, USER_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_D, BLOCK_DIM,
-                       PRECISION)
-    else:
-        lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
-        bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
-        item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
-        if USER_LOGITS:
-            part = block
+    for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
+        rows = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_mask = rows < batch
+        grad_diag = -(tl.load(diag_parts_ptr + rows, mask=row_mask, other=0.0)
+                      + tl.load(diag_parts_ptr + batch + rows, mask=row_mask, other=0.0))
+        accumulate = block != program
+        if tl.program_id(2) == 0:
+            lse = tl.load(lse_ptr + rows * num_layers + layer, mask=row_mask, other=0.0)
+            bias_grad = tl.load(sums_ptr + rows, mask=row_mask, other=0.0) + grad_diag
+            _epilogue_side(user_ptr, rows, row_mask, rows, codebooks_ptr, weight, lse, grad_a_ptr, bm_ptr, grad_diag,
+                           bias_grad, grad_user_ptr, codebook_part_ptr, program, accumulate, layer, num_layers,
+                           num_codes, dim, inv_user_temperature, True, USER_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K,
+                           BLOCK_D, BLOCK_DIM, PRECISION)
         else:
-            part = block + tl.num_programs(0)
-        _epilogue_side(items_ptr, rows, row_mask, item_rows, codebooks_ptr, weight, lse, grad_bm_ptr, a_ptr,
-                       grad_diag, bias_grad, item_row_grad_ptr, codebook_part_ptr, part, layer, num_layers,
-                       num_codes, dim, inv_temperature, False, False, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_D,
-                       BLOCK_DIM, PRECISION)
+            lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
+            bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
+            item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+            if USER_LOGITS:
+                part = program
+            else:
+                part = program + tl.num_programs(0)
+            _epilogue_side(items_ptr, rows, row_mask, item_rows, codebooks_ptr, weight, lse, grad_bm_ptr, a_ptr,
+                           grad_diag, bias_grad, item_row_grad_ptr, codebook_part_ptr, part, accumulate, layer,
+                           num_layers, num_codes, dim, inv_temperature, False, False, SYMMETRIC, BLOCK_R, BLOCK_K,
+                           BLOCK_D, BLOCK_DIM, PRECISION)
+        tl.debug_barrier()  # this block's partial stores are seen by every thread of the next block
 
 
 def _operands(user, items, codebooks, positives, weights, user_logits, symmetric, temperature, user_temperature):
@@ -491,7 +507,7 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     rb, cb, diag = (torch.empty(batch, dtype=torch.float32, device=user.device) for _ in range(3))
     lse = torch.empty((2, batch, num_layers), dtype=torch.float32, device=user.device)
     config = launch_config("rows", codes=num_codes, dim=dim, wide=dtype == torch.float32)
-    config.pop("BLOCK_DIM")  # the prologue only forms logits
+    del config["BLOCK_DIM"], config["PROGRAMS"]  # the prologue forms logits only, a program per row block
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
         batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
@@ -559,22 +575,22 @@ def in_batch_pairs_backward(
     num_layers, num_codes, dim = codebooks.shape
     grad_output = grad_output.float().contiguous()
     grads = launch_config("grads", features=features, wide=a.dtype == torch.float32)
-    row_blocks, col_blocks = triton.cdiv(batch, grads["BLOCK_M"]), triton.cdiv(batch, grads["BLOCK_N"])
+    row_blocks = triton.cdiv(batch, grads["BLOCK_M"])
     grad_a = torch.empty((batch, features), dtype=torch.float32, device=a.device)
     grad_bm = torch.empty_like(grad_a)
     sums, diag_parts = rb.new_empty((2, batch)), rb.new_empty((2, batch))
-    _backward_kernel[(row_blocks + col_blocks, triton.cdiv(features, grads["BLOCK_G"]))](
+    _backward_kernel[(2 * row_blocks,)](
         a, bm, rb, cb, diag, positives, grad_output, counts, total, grad_a, grad_bm, sums, diag_parts,
         batch, features, row_blocks, ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"),
         REDUCTION=reduction, PRECISION=SCORE_PRECISION, **grads,
     )
     rows = launch_config("rows", codes=num_codes, dim=dim, wide=a.dtype == torch.float32)
-    blocks = triton.cdiv(batch, rows["BLOCK_R"])
+    programs = min(triton.cdiv(batch, rows["BLOCK_R"]), rows.pop("PROGRAMS"))
     grad_user = torch.empty(user.shape, dtype=user.dtype, device=user.device)
     item_row_grad = torch.empty((batch, num_layers, dim), dtype=torch.float32, device=items.device)
-    codebook_part = torch.empty((1 if user_logits else 2, blocks, num_layers, num_codes, dim),
+    codebook_part = torch.empty((1 if user_logits else 2, programs, num_layers, num_codes, dim),
                                 dtype=torch.float32, device=items.device)
-    _epilogue_kernel[(blocks, num_layers, 2)](
+    _epilogue_kernel[(programs, num_layers, 2)](
         user, items, codebooks, positives, weights, lse, a, bm, grad_a, grad_bm, sums, diag_parts,
         grad_user, item_row_grad, codebook_part,
         batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
@@ -594,6 +610,7 @@ def _setup_context(ctx, inputs, output):
     user, items, codebooks, positives, weights, *ctx.options = inputs
     ctx.save_for_backward(user, items, codebooks, positives, weights, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the counts' (absent) gradients
 
 
 def _backward(ctx, grad_output, _grad_counts, _grad_total):
