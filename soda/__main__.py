@@ -24,6 +24,7 @@ import torch
 
 from soda import distributed
 from soda.alignment import SIDES, SODAConfig
+from soda.atomic import write_atomic
 from soda.data import KNOWN_DATASETS
 from soda.experiment import ablation_runs, experiment_runs, run_all, table_stem
 from soda.metrics import METRICS
@@ -88,7 +89,7 @@ def main() -> None:
         parser.error(f"--only: unknown runs {sorted(unknown)}; runs: {', '.join(run.name for run in runs)}")
     config = configure(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_atomic(args.out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
     common = dict(
         config=config,
         device=distributed.setup(args.device),  # under torchrun: join the group, cuda -> cuda:LOCAL_RANK

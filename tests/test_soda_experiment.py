@@ -144,3 +144,16 @@ def test_ablation_changes_one_choice_at_a_time():
         changed = [k for k, v in vars(run.soda).items() if v != getattr(default, k)]
         assert len(changed) == 1 and run.backbone == "tiger", run
     assert len({run.name for run in runs}) == len(runs)
+
+
+def test_the_demo_ends_by_saying_where_its_files_are(tmp_path):
+    for name, files in (("tiger", ("metrics.json", "best.pt", "last.pt", "curves.png", "notes.txt")), ("sasrec", ())):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("")
+    lines = soda_main.where({"tiger": tmp_path / "tiger", "sasrec": tmp_path / "sasrec"}).splitlines()
+    assert "metrics.json" in lines[1] and "curves.png" in lines[1]
+    assert lines[2:] == [
+        f"  tiger: {tmp_path / 'tiger'}/  best.pt curves.png last.pt metrics.json",
+        f"  sasrec: {tmp_path / 'sasrec'}/  ",
+    ]
