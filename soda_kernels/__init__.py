@@ -1,6 +1,6 @@
 """SODA kernels: fused Triton kernels for distributional alignment in generative recommendation.
 
-Public API (SPEC section 3)::
+Public API (the mathematics of every function: docs/maths.md)::
 
     import soda_kernels as sk
     sk.codebook_log_softmax(x, codebooks, temperature=1.0)

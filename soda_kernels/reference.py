@@ -44,7 +44,7 @@ def distributional_bpr(
     user, items, codebooks, positives, negatives=None, *, user_logits=False, in_batch="items",
     symmetric=False, temperature=1.0, user_temperature=None, layer_weights=None, reduction="mean",
 ) -> torch.Tensor:
-    """SPEC section 2, term by term, in float64."""
+    """docs/maths.md, sections 1-3, term by term, in float64."""
     user_tau = temperature if user_temperature is None else user_temperature
     if user_logits:
         log_q = torch.log_softmax(user.double(), -1)

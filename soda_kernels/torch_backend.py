@@ -1,6 +1,6 @@
 """The pure-PyTorch backend: the whole API on any device, differentiated by autograd.
 
-Memory-sane formulations of SPEC section 2 (the float64 ``reference`` is the
+Memory-sane formulations of docs/maths.md (the float64 ``reference`` is the
 definition; this is what users run without Triton):
 
 * distance logits by the expansion -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2,

@@ -19,10 +19,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / norm) if norm > 0 else float((out - ref).norm())
 
 
+class BPRInputs(dict):
+    """The keyword arguments of distributional_bpr, and the seed they were drawn from (``seed``),
+    which a failing comparison prints so that the case can be replayed."""
+
+    seed: int
+
+
 def make_bpr_inputs(batch, num_items, layers, codes, dim, *, samples=None, dtype=torch.float32,
                     user_logits=False, duplicates=True, scale=1.0, generator=None, device=DEVICE):
     """Fresh random inputs for distributional_bpr; positives drawn with repeats when ``duplicates``."""
     g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    seed = g.initial_seed()
 
     def randn(*shape):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
@@ -37,10 +45,12 @@ def make_bpr_inputs(batch, num_items, layers, codes, dim, *, samples=None, dtype
     negatives = None
     if samples is not None:
         negatives = torch.randint(-1, num_items, (batch, samples), generator=g)
-    return dict(
+    inputs = BPRInputs(
         user=user.requires_grad_(), items=items.requires_grad_(), codebooks=codebooks.requires_grad_(),
         positives=positives.to(device), negatives=None if negatives is None else negatives.to(device),
     )
+    inputs.seed = seed
+    return inputs
 
 
 def _float_inputs(inputs):
@@ -73,7 +83,8 @@ def compare_with_reference(inputs, backend, tolerance=None, **options):
         ref_grad = ref_floats[name].grad  # None where the reference has no term touching it
         errors[name] = rel_err(tensor.grad, torch.zeros_like(ref_floats[name]) if ref_grad is None else ref_grad)
     tol = tolerance if tolerance is not None else TOLERANCE[inputs["user"].dtype]
-    assert all(e <= tol for e in errors.values()), f"relative errors {errors} over {tol} for {options}"
+    seed = getattr(inputs, "seed", None)
+    assert all(e <= tol for e in errors.values()), f"relative errors {errors} over {tol} for {options} (seed {seed})"
     return errors
 
 
