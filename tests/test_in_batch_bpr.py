@@ -139,3 +139,16 @@ def test_random_shapes_match_reference(batch, num_items, layers, codes, dim, mod
 
     compare_as_accurately_as_float32(inputs, "triton", in_batch=mode, symmetric=symmetric, reduction=reduction,
                                      user_logits=user_logits, temperature=temperature)
+
+
+@pytest.mark.parametrize("mode", ["items", "users", "both"])
+def test_no_transient_as_large_as_the_score_matrix(mode):
+    """Forward + backward at B = 96 with F = L K = 4 features: every buffer the op allocates
+    (operands B F, partials O(B), codebook partials) stays far below the B x B score matrix."""
+    batch = 96
+    inputs = make_bpr_inputs(batch, batch, 1, 4, 2, generator=_seeded(mode, "memory"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        sk.distributional_bpr(**inputs, backend="triton", in_batch=mode, symmetric=True).backward()
+    largest = max(event.cpu_memory_usage for event in prof.events())  # bytes one op allocated
+    score_matrix = batch * batch * 4
+    assert 0 < largest < score_matrix / 4, f"an op allocated {largest} bytes; B x B float32 is {score_matrix}"

@@ -93,6 +93,9 @@ def launch_config(kind: str, **sizes: int) -> dict:
       "reduce"  (): one-program reductions over B
       "partials" (): elementwise sums of per-program partials
       "match"   (width): rows summed over equal indices
+      "samples" (codes, dim, wide): sampled negatives, forward: a block of rows, K in tiles
+      "sample_grads" (codes, dim, wide): sampled negatives, backward (d whole in BLOCK_DIM)
+      "segments" (width): rows summed over a sorted index
     """
     if kind == "rows":
         block_dim = _pow2(sizes["dim"])
@@ -107,11 +110,14 @@ def launch_config(kind: str, **sizes: int) -> dict:
         return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DIM=block_dim, PROGRAMS=16,
                     num_warps=8, num_stages=2)
     if kind == "scores":
+        # ROW_PROGRAMS caps the programs along the rows (their column partials are ROW_PROGRAMS x B
+        # floats); MIN_TILES is the fewest column tiles a program streams. The interpreter's 2 and 1
+        # make a test batch of a few dozen rows cross row programs and splits.
         if INTERPRETER:
-            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32)
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32, ROW_PROGRAMS=2, MIN_TILES=1)
         if sizes["wide"]:  # float32 operands in bf16x3: twice the bytes and three products a tile
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_F=64, num_warps=8, num_stages=3)
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, ROW_PROGRAMS=32, MIN_TILES=4, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_F=64, ROW_PROGRAMS=32, MIN_TILES=4, num_warps=8, num_stages=3)
     if kind == "grads":
         if INTERPRETER:
             return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_F=32, BLOCK_G=16)
@@ -127,6 +133,22 @@ def launch_config(kind: str, **sizes: int) -> dict:
         if INTERPRETER:
             return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_W=_pow2(sizes["width"], high=64))
         return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_W=_pow2(sizes["width"], high=64), num_warps=4)
+    if kind in ("samples", "sample_grads"):
+        block_dim = _pow2(sizes["dim"])
+        block_d = min(block_dim, 32 if sizes["wide"] else 64)
+        if INTERPRETER:
+            config = dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d)
+        elif kind == "samples":  # four (rows, codes) float32 tiles live across the samples
+            config = dict(BLOCK_R=32, BLOCK_K=_pow2(sizes["codes"], high=128), BLOCK_D=block_d, num_warps=4,
+                          num_stages=2)
+        else:  # the codebook partial (codes, d) and the gradient rows (rows, d) stay on chip
+            config = dict(BLOCK_R=16, BLOCK_K=max(16, min(_pow2(sizes["codes"], high=128), 8192 // block_dim)),
+                          BLOCK_D=block_d, num_warps=8, num_stages=2)
+        return config if kind == "samples" else dict(config, BLOCK_DIM=block_dim)
+    if kind == "segments":
+        if INTERPRETER:
+            return dict(BLOCK_T=16, BLOCK_W=_pow2(sizes["width"], high=64))
+        return dict(BLOCK_T=32, BLOCK_W=_pow2(sizes["width"], high=128), num_warps=4)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -318,4 +340,69 @@ def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int,
     config = launch_config("match", width=width)
     grid = (triton.cdiv(rows.shape[0], config["BLOCK_R"]), triton.cdiv(width, config["BLOCK_W"]))
     _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], width, **config)
+    return out
+
+
+@triton.jit
+def lower_bound(sorted_ptr, length, values, steps):
+    """For each of ``values`` (a tensor of int64), the first position t in [0, length) of the
+    ascending table at sorted_ptr with sorted[t] >= value, or length: a binary search of ``steps``
+    >= log2(length + 1) halvings."""
+    low = tl.zeros(values.shape, tl.int64)
+    high = low + length
+    for _ in range(0, steps):
+        active = low < high
+        middle = (low + high) // 2
+        below = active & (tl.load(sorted_ptr + middle, mask=active, other=0) < values)
+        low = tl.where(below, middle + 1, low)
+        high = tl.where(active & ~below, middle, high)
+    return low
+
+
+@triton.jit
+def _sum_rows_by_sorted_index_kernel(
+    rows_ptr, order_ptr, sorted_index_ptr, out_ptr, num_rows, num_targets, width, search_steps,
+    GATHER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """out[n] = sum over the positions t with sorted_index[t] == n of rows[order[t]] (rows[t]
+    without GATHER), added in the order of t, for this program's targets n and width block.
+
+    rows_ptr: (num_rows, width) float32; order_ptr: (num_rows,) int64, a permutation;
+    sorted_index_ptr: (num_rows,) int64 ascending (values outside [0, num_targets) are never
+    read); out_ptr: (num_targets, width) in the gradient's dtype, 0 for a target no index names.
+    """
+    targets = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    columns = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    target_mask, column_mask = targets < num_targets, columns < width
+    start = lower_bound(sorted_index_ptr, num_rows, targets, search_steps)
+    end = tl.where(target_mask, lower_bound(sorted_index_ptr, num_rows, targets + 1, search_steps), start)
+    total = tl.zeros((BLOCK_T, BLOCK_W), tl.float32)
+    for step in range(0, tl.max(end - start, axis=0)):
+        position = start + step
+        present = position < end
+        source = position
+        if GATHER:
+            source = tl.load(order_ptr + position, mask=present, other=0)
+        total += tl.load(rows_ptr + source[:, None] * width + columns[None, :],
+                         mask=present[:, None] & column_mask[None, :], other=0.0)
+    tl.store(out_ptr + targets[:, None] * width + columns[None, :], total.to(out_ptr.dtype.element_ty),
+             mask=target_mask[:, None] & column_mask[None, :])
+
+
+def sum_rows_by_sorted_index(rows: torch.Tensor, sorted_index: torch.Tensor, order: torch.Tensor | None,
+                             num_targets: int, dtype: torch.dtype) -> torch.Tensor:
+    """out (num_targets, *row_shape) in ``dtype``: out[n] = sum of rows[order[t]] over the t with
+    sorted_index[t] == n, in the order of t (deterministic), 0 where no index is n; ``order=None``
+    when the rows are already in sorted order. rows (R, *row_shape) float32 contiguous,
+    sorted_index (R,) int64 ascending (e.g. ``torch.sort(index, stable=True)``), order (R,) int64.
+    One launch; each target binary-searches its run of positions, so R may be large (sampled
+    occurrences) where ``sum_rows_by_index`` would compare every pair."""
+    width = rows[0].numel()
+    out = torch.empty((num_targets, *rows.shape[1:]), dtype=dtype, device=rows.device)
+    config = launch_config("segments", width=width)
+    grid = (triton.cdiv(num_targets, config["BLOCK_T"]), triton.cdiv(width, config["BLOCK_W"]))
+    _sum_rows_by_sorted_index_kernel[grid](
+        rows, sorted_index if order is None else order, sorted_index, out, rows.shape[0], num_targets, width,
+        max(1, rows.shape[0].bit_length()), GATHER=order is not None, **config,
+    )
     return out

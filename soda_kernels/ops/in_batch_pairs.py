@@ -18,11 +18,11 @@ and the loss reduces the per-row term sums t_b over the T_b = (1 or 2) sum_m val
 
 Forward (3 launches): ``_prologue_kernel`` writes A, Bm (B, F) in the operand dtype
 (``operand_dtype``), rb, cb, the diagonal S[b, b] from the same rounded operands, and each
-distribution's log-sum-exp; ``_forward_kernel`` streams the tiles of S, each row block over a
-split of the column tiles, reducing softplus terms per row ("items") into per-split partials and
-per column ("users") into per-row-block partials, with the valid counts; ``_finish_kernel`` adds
-the partials in a fixed order and applies the reduction. Saved for backward: the inputs, the
-counts T_b and their total: O(B).
+distribution's log-sum-exp; ``_forward_kernel`` streams the tiles of S, each program a strided
+set of row blocks against a split of the column tiles, reducing softplus terms per row
+("items") into per-split partials and per column ("users") into per-program partials, with the
+valid counts (every buffer O(B)); ``_finish_kernel`` adds the partials in a fixed order and
+applies the reduction. Saved for backward: the inputs, the counts T_b and their total: O(B).
 
 Backward (5 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/dS off the diagonal is
 
@@ -63,7 +63,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    INTERPRETER,
     LOGIT_PRECISION,
     SCORE_PRECISION,
     launch_config,
@@ -198,50 +197,55 @@ def _forward_kernel(
     ITEMS: tl.constexpr, USERS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """A block of rows against one split of the column tiles:
+    """Program (p, split) takes the row blocks p, p + P, ... (P = num_programs(0)), each against
+    the split's column tiles:
 
-        item_part[split, b]     = sum over its columns m of valid softplus(S[b, m] - S[b, b])   [ITEMS]
-        count_part[split, b]    = sum over its columns m of valid(b, m)
-        user_part[row block, m] = sum over the block's rows b of valid softplus(S[b, m] - S[m, m])   [USERS]
+        item_part[split, b]  = sum over the split's columns m of valid softplus(S[b, m] - S[b, b])   [ITEMS]
+        count_part[split, b] = sum over the split's columns m of valid(b, m)
+        user_part[p, m]      = sum over the program's rows b of valid softplus(S[b, m] - S[m, m])   [USERS]
 
     Operands and biases as the prologue writes them; item_part, count_part (splits, B) and
-    user_part (row blocks, B) float32.
+    user_part (P, B) float32, so every partial buffer is O(B).
     """
-    row_start = tl.program_id(0) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < batch
-    row_pos = tl.load(positives_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
-    row_diag = tl.load(diag_ptr + rows, mask=row_mask, other=0.0)
-    row_bias = tl.load(rb_ptr + rows, mask=row_mask, other=0.0)
-    row_terms = tl.zeros((BLOCK_M,), tl.float32)
-    row_count = tl.zeros((BLOCK_M,), tl.float32)
-    first_tile = tl.program_id(1) * tiles_per_split
+    program, split = tl.program_id(0), tl.program_id(1)
+    first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(batch, BLOCK_N))
-    for tile in range(first_tile, last_tile):
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < batch
-        col_pos = tl.load(positives_ptr + cols, mask=col_mask, other=-2).to(tl.int32)
-        scores = _score_tile(a_ptr, bm_ptr, row_start, tile * BLOCK_N, batch, num_features,
-                             BLOCK_M, BLOCK_N, BLOCK_F, PRECISION)
-        scores += row_bias[:, None] + tl.load(cb_ptr + cols, mask=col_mask, other=0.0)[None, :]
-        valid = row_pos[:, None] != col_pos[None, :]  # padding rows and columns hold -1 and -2
-        valid = valid & row_mask[:, None] & col_mask[None, :]
-        row_count += tl.sum(valid.to(tl.float32), axis=1)
+    for row_start in range(program * BLOCK_M, batch, tl.num_programs(0) * BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < batch
+        row_pos = tl.load(positives_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+        row_diag = tl.load(diag_ptr + rows, mask=row_mask, other=0.0)
+        row_bias = tl.load(rb_ptr + rows, mask=row_mask, other=0.0)
+        row_terms = tl.zeros((BLOCK_M,), tl.float32)
+        row_count = tl.zeros((BLOCK_M,), tl.float32)
+        for tile in range(first_tile, last_tile):
+            cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < batch
+            col_pos = tl.load(positives_ptr + cols, mask=col_mask, other=-2).to(tl.int32)
+            scores = _score_tile(a_ptr, bm_ptr, row_start, tile * BLOCK_N, batch, num_features,
+                                 BLOCK_M, BLOCK_N, BLOCK_F, PRECISION)
+            scores += row_bias[:, None] + tl.load(cb_ptr + cols, mask=col_mask, other=0.0)[None, :]
+            valid = row_pos[:, None] != col_pos[None, :]  # padding rows and columns hold -1 and -2
+            valid = valid & row_mask[:, None] & col_mask[None, :]
+            row_count += tl.sum(valid.to(tl.float32), axis=1)
+            if ITEMS:
+                row_terms += tl.sum(tl.where(valid, softplus(scores - row_diag[:, None]), 0.0), axis=1)
+            if USERS:
+                col_diag = tl.load(diag_ptr + cols, mask=col_mask, other=0.0)
+                col_terms = tl.sum(tl.where(valid, softplus(scores - col_diag[None, :]), 0.0), axis=0)
+                user_sums = user_part_ptr + program * batch + cols
+                col_terms += tl.load(user_sums, mask=col_mask & (row_start != program * BLOCK_M), other=0.0)
+                tl.store(user_sums, col_terms, mask=col_mask)
         if ITEMS:
-            row_terms += tl.sum(tl.where(valid, softplus(scores - row_diag[:, None]), 0.0), axis=1)
-        if USERS:
-            col_diag = tl.load(diag_ptr + cols, mask=col_mask, other=0.0)
-            col_terms = tl.sum(tl.where(valid, softplus(scores - col_diag[None, :]), 0.0), axis=0)
-            tl.store(user_part_ptr + tl.program_id(0) * batch + cols, col_terms, mask=col_mask)
-    if ITEMS:
-        tl.store(item_part_ptr + tl.program_id(1) * batch + rows, row_terms, mask=row_mask)
-    tl.store(count_part_ptr + tl.program_id(1) * batch + rows, row_count, mask=row_mask)
+            tl.store(item_part_ptr + split * batch + rows, row_terms, mask=row_mask)
+        tl.store(count_part_ptr + split * batch + rows, row_count, mask=row_mask)
+        tl.debug_barrier()  # the next row block adds to these column sums, possibly in other threads
 
 
 @triton.jit
 def _finish_kernel(
     item_part_ptr, user_part_ptr, count_part_ptr, loss_ptr, counts_ptr, total_ptr,
-    batch, num_splits, num_row_blocks, pair_terms,
+    batch, num_splits, num_row_programs, pair_terms,
     ITEMS: tl.constexpr, USERS: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program: per row t_b and T_b = pair_terms * (valid count) from the partials, added in a
@@ -259,8 +263,8 @@ def _finish_kernel(
             if ITEMS:
                 terms += tl.load(item_part_ptr + split * batch + rows, mask=row_mask, other=0.0)
         if USERS:
-            for block in range(0, num_row_blocks):
-                terms += tl.load(user_part_ptr + block * batch + rows, mask=row_mask, other=0.0)
+            for program in range(0, num_row_programs):
+                terms += tl.load(user_part_ptr + program * batch + rows, mask=row_mask, other=0.0)
         count *= pair_terms
         tl.store(counts_ptr + rows, count, mask=row_mask)
         if REDUCTION == "none":
@@ -516,14 +520,15 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     return a, bm, rb, cb, diag, lse
 
 
-def _splits(batch: int, block_m: int, block_n: int) -> tuple[int, int]:
-    """(column tiles per split, number of splits) of the forward: enough programs to fill a GPU
-    (about 512), each streaming at least four column tiles (one in the interpreter, so that the
-    tests cross splits)."""
-    row_blocks, col_tiles = triton.cdiv(batch, block_m), triton.cdiv(batch, block_n)
-    splits = max(1, min(triton.cdiv(512, row_blocks), col_tiles // (1 if INTERPRETER else 4)))
+def _forward_grid(batch: int, config: dict) -> tuple[int, int, int]:
+    """(row programs P, column tiles per split, number of splits) of the forward: P at most
+    ROW_PROGRAMS (the users' partials are P x B), splits enough to fill a GPU (about 512
+    programs), each streaming at least MIN_TILES column tiles."""
+    row_programs = min(triton.cdiv(batch, config["BLOCK_M"]), config["ROW_PROGRAMS"])
+    col_tiles = triton.cdiv(batch, config["BLOCK_N"])
+    splits = max(1, min(triton.cdiv(512, row_programs), col_tiles // config["MIN_TILES"]))
     per_split = triton.cdiv(col_tiles, splits)
-    return per_split, triton.cdiv(col_tiles, per_split)
+    return row_programs, per_split, triton.cdiv(col_tiles, per_split)
 
 
 @torch.library.custom_op("soda_kernels::in_batch_pairs", mutates_args=())
@@ -536,20 +541,20 @@ def in_batch_pairs_op(
                                        temperature, user_temperature)
     batch, features = a.shape
     config = launch_config("scores", features=features, wide=a.dtype == torch.float32)
-    per_split, splits = _splits(batch, config["BLOCK_M"], config["BLOCK_N"])
-    row_blocks = triton.cdiv(batch, config["BLOCK_M"])
+    row_programs, per_split, splits = _forward_grid(batch, config)
+    del config["ROW_PROGRAMS"], config["MIN_TILES"]
     items_on, users_on = in_batch in ("items", "both"), in_batch in ("users", "both")
     item_part = a.new_empty((splits, batch), dtype=torch.float32)
     count_part = torch.empty_like(item_part)
-    user_part = a.new_empty((row_blocks, batch), dtype=torch.float32)
-    _forward_kernel[(row_blocks, splits)](
+    user_part = a.new_empty((row_programs, batch), dtype=torch.float32)
+    _forward_kernel[(row_programs, splits)](
         a, bm, rb, cb, diag, positives, item_part, user_part, count_part, batch, features, per_split,
         ITEMS=items_on, USERS=users_on, PRECISION=SCORE_PRECISION, **config,
     )
     loss = a.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
     counts, total = torch.empty_like(rb), rb.new_empty(())
     _finish_kernel[(1,)](
-        item_part, user_part, count_part, loss, counts, total, batch, splits, row_blocks,
+        item_part, user_part, count_part, loss, counts, total, batch, splits, row_programs,
         REDUCTION_PAIRS[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
     )
     return loss, counts, total
