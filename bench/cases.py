@@ -1,25 +1,38 @@
-"""The benchmark grid, the inputs of a case, and the three contenders.
+"""The benchmark grid, the inputs of a case, and the contenders.
 
-A case is one call of ``sk.distributional_bpr`` (reduction "mean", temperature 4); three contenders
-compute it: the Triton backend through the public API, the PyTorch backend eager, and the PyTorch
-backend under ``torch.compile`` (the backend function itself, so that the whole loss is traced
-without the argument checks' host synchronisations).
+A case is one call of ``sk.distributional_bpr`` (reduction "mean", temperature 4). The contenders
+(``CONTENDERS``) compute it: the Triton backend through the public API; the PyTorch backend eager;
+the naive formulation a researcher writes first (``bench.naive``); and the PyTorch backend under
+``torch.compile`` in three modes a user would pick (the backend function itself, so that the whole
+loss is traced without the argument checks' host synchronisations). ``contenders_of`` says which
+contenders a case gets: the long compiles only where they matter most.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 import soda_kernels as sk
+from bench import naive
 from soda_kernels import torch_backend
 from soda_kernels._validation import check_layer_weights
 
-CONTENDERS = ("triton", "eager", "compile")
-COMPILE_MODE = "max-autotune-no-cudagraphs"
+CONTENDERS = {
+    "triton": "Triton kernels (sk.distributional_bpr, backend='triton')",
+    "eager": "PyTorch backend, eager",
+    "naive": "naive PyTorch: per-layer KL broadcast to B x B x L x K (bench/naive.py)",
+    "compile-default": "torch.compile of the PyTorch backend, default mode",
+    "compile-reduce-overhead": "torch.compile mode='reduce-overhead' (CUDA graphs)",
+    "compile-max-autotune": "torch.compile mode='max-autotune-no-cudagraphs'",
+}
+COMPILE_MODES = {"compile-default": "default", "compile-reduce-overhead": "reduce-overhead",
+                 "compile-max-autotune": "max-autotune-no-cudagraphs"}
 TEMPERATURE = 4.0
 INTERPRETER_MAX_BATCH = 12  # without a GPU the Triton contender runs (interpreted) only this small
+CPU_NAIVE_MAX_BYTES = 2 * 2**30  # the naive contender's estimated peak allowed on a CPU machine
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ def full_grid() -> list[Case]:
 
 
 def smoke_grid() -> list[Case]:
-    """CPU smoke mode: the PyTorch contenders at small sizes, all three at the interpreter's tiny size."""
+    """CPU smoke mode: the PyTorch contenders at small sizes, Triton too at the interpreter's tiny size."""
     small = Case("both", 64, codes=32, dim=16, dtype="float32")
     tiny = replace(small, batch=INTERPRETER_MAX_BATCH, codes=20, dim=6)
     return [
@@ -141,12 +154,72 @@ def float_inputs(inputs: dict) -> list[torch.Tensor]:
     return [inputs["user"], inputs["items"], inputs["codebooks"]]
 
 
+def is_headline(case: Case) -> bool:
+    """The headline case, or its shrunk copy in a dry run."""
+    return case in (HEADLINE, HEADLINE.shrunk())
+
+
+def in_batch_sweep(case: Case) -> bool:
+    """The B sweep of the plot: the headline shape at any batch size (shrunk in a dry run)."""
+    return any(replace(case, batch=head.batch) == head for head in (HEADLINE, HEADLINE.shrunk()))
+
+
+def contenders_of(case: Case) -> list[str]:
+    """The contenders a case of the grid gets: every case Triton, eager, naive (where it fits, see
+    ``naive_skip_reason``) and torch.compile's default mode; the B sweep also CUDA graphs
+    (reduce-overhead), the headline also max-autotune (its compile alone runs about 210 s)."""
+    names = ["triton", "eager", "naive", "compile-default"]
+    if in_batch_sweep(case):
+        names.append("compile-reduce-overhead")
+    if is_headline(case):
+        names.append("compile-max-autotune")
+    return names
+
+
+def naive_skip_reason(case: Case, device: torch.device) -> str | None:
+    """Why the naive contender cannot run this case here (its estimated peak memory), or None."""
+    need = naive.peak_bytes_estimate(case.batch, case.layers, case.codes, case.samples, case.mode, case.symmetric)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        have, where = 0.8 * free, "80% of the free device memory"
+    else:
+        have, where = CPU_NAIVE_MAX_BYTES, "the CPU cap CPU_NAIVE_MAX_BYTES"
+    if need > have:
+        return f"does not fit: estimated peak {need / 2**30:.1f} GiB > {have / 2**30:.1f} GiB ({where})"
+    return None
+
+
+_COMPILED: dict = {}  # (contender, compile family, device) -> the compiled loss, until reset_compiled()
+
+
+def compile_family(case: Case) -> str:
+    """Cases whose compiled contenders share one compilation: the B sweep (batch axis dynamic);
+    every other case has its own."""
+    return "B sweep" if in_batch_sweep(case) else case.name
+
+
+def reset_compiled() -> None:
+    """Forget every compiled contender (and torch.compile's caches of them, CUDA graphs included)."""
+    _COMPILED.clear()
+    torch._dynamo.reset()
+
+
 def contender(name: str, case: Case, device: torch.device):
-    """A function of an input dict returning the loss, for "triton", "eager" or "compile"."""
+    """A function of an input dict returning the loss, for a name of ``CONTENDERS``.
+
+    The compiled contenders of the B sweep compile once with the batch axis dynamic
+    (``maybe_mark_dynamic``) and serve every B of the sweep until ``reset_compiled``; elsewhere
+    the shapes are static. With CUDA graphs each call starts a new step
+    (``cudagraph_mark_step_begin``), since the benchmark runs forwards without a backward too.
+    """
     options = case.options()
     if name == "triton":
         return lambda inputs: sk.distributional_bpr(**inputs, backend="triton", **options)
     weights = check_layer_weights(None, case.layers, device)
+    if name == "naive":
+        naive_loss = functools.partial(naive.distributional_bpr, user_temperature=TEMPERATURE, layer_weights=weights,
+                                       **options)
+        return lambda inputs: naive_loss(**inputs)
 
     def torch_loss(user, items, codebooks, positives, negatives):
         return torch_backend.distributional_bpr(
@@ -154,5 +227,22 @@ def contender(name: str, case: Case, device: torch.device):
             layer_weights=weights, reduction="mean", **options,
         )
 
-    loss_fn = torch_loss if name == "eager" else torch.compile(torch_loss, mode=COMPILE_MODE, dynamic=False)
-    return lambda inputs: loss_fn(**inputs)
+    if name == "eager":
+        return lambda inputs: torch_loss(**inputs)
+    dynamic_batch = in_batch_sweep(case)
+    key = (name, compile_family(case), device)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(torch_loss, mode=COMPILE_MODES[name], dynamic=None if dynamic_batch else False)
+    compiled = _COMPILED[key]
+    graphs = name == "compile-reduce-overhead"
+
+    def compiled_loss(inputs):
+        if dynamic_batch:
+            for tensor in inputs.values():
+                if tensor is not None:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(**inputs)
+
+    return compiled_loss

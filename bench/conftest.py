@@ -6,11 +6,13 @@
     pytest bench/ --bench-grid default --bench-dry-run --bench-out /tmp/x   # the GPU grid shrunk, on CPU
 
 Without a GPU the Triton kernels run through the interpreter, which must be chosen before triton
-is imported, hence here.
+is imported, hence here; and torch.compile's C++ kernels get profiler ranges, so that the launch
+counter sees them (``bench.launches``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,16 +23,27 @@ import torch
 GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch._inductor.config
 
-from bench.cases import CONTENDERS, GRIDS, INTERPRETER_MAX_BATCH  # noqa: E402 (after TRITON_INTERPRET)
+    torch._inductor.config.cpp.enable_kernel_profile = True
+
+from bench.cases import (  # noqa: E402 (after TRITON_INTERPRET)
+    GRIDS,
+    INTERPRETER_MAX_BATCH,
+    compile_family,
+    contenders_of,
+    is_headline,
+)
 from bench.plot import draw  # noqa: E402
 from bench.report import Results  # noqa: E402
 from bench.roofline import measure_ceilings  # noqa: E402
 
-DEFAULT_BUDGET_S = {"default": 300.0, "full": 1500.0, "smoke": 100.0}
-# First guesses of one test's seconds, replaced by what the run observes (the slowest compile so far,
-# the mean of the others).
-FIRST_GUESS_S = {"compile": 90.0 if GPU else 20.0, "other": 5.0 if GPU else 2.0}
+DEFAULT_BUDGET_S = {"default": 300.0, "full": 1500.0, "smoke": 60.0}
+# First guesses of one test's seconds by kind, replaced by what the run observes (the slowest cold
+# compile so far, the mean of the others). A warm compile is one whose caches another process filled
+# (bench/precompile.py) or whose B-sweep compilation this process already made.
+FIRST_GUESS_S = {"compile-max-autotune": 240.0, "compile": 60.0, "compile-warm": 15.0, "other": 5.0} if GPU else {
+    "compile-max-autotune": 40.0, "compile": 30.0, "compile-warm": 10.0, "other": 2.0}
 
 
 def pytest_addoption(parser):
@@ -54,51 +67,79 @@ def _budget_s(config) -> float:
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
-    cases = GRIDS[_grid(metafunc.config)]()
-    if metafunc.config.getoption("--bench-dry-run"):
-        cases = list(dict.fromkeys(case.shrunk() for case in cases))
-    params = [
-        pytest.param(case, name, id=f"{case.name} | {name}")
-        for case in cases
-        for name in CONTENDERS
-        if GPU or name != "triton" or case.batch <= INTERPRETER_MAX_BATCH
-    ]
-    metafunc.parametrize("case, contender_name", params)
+    dry_run = metafunc.config.getoption("--bench-dry-run")
+    params = []
+    for case in GRIDS[_grid(metafunc.config)]():
+        run_case = case.shrunk() if dry_run else case
+        params += [
+            pytest.param(run_case, name, id=f"{run_case.name} | {name}")
+            for name in contenders_of(case)
+            if GPU or name != "triton" or run_case.batch <= INTERPRETER_MAX_BATCH
+        ]
+    metafunc.parametrize("case, contender_name", list(dict.fromkeys(params)))
+
+
+def _precompiled(out: str | None) -> list[dict]:
+    """The records of ``bench/precompile.py`` runs in the results folder (none without one)."""
+    if out is None:
+        return []
+    return [record for path in sorted(Path(out).glob("*-precompile-*.json"))
+            for record in json.loads(path.read_text())["compiled"]]
 
 
 class Budget:
     """Skips a test that would end past the deadline, estimating its seconds from the tests so far."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, precompiled: list[dict]):
         self.deadline = time.monotonic() + seconds
-        self.observed: dict[str, list[float]] = {"compile": [], "other": []}
+        self.observed: dict[str, list[float]] = {kind: [] for kind in FIRST_GUESS_S}
+        self.warm = {(record["case"], record["contender"]) for record in precompiled}
+        self.compiled_families: set[tuple[str, str]] = set()
 
-    def reason_to_skip(self, name: str) -> str | None:
-        kind = "compile" if name == "compile" else "other"
+    def kind(self, case, name: str) -> str:
+        """"other", "compile-warm", or a cold compile: "compile-max-autotune" (the long one) or "compile"."""
+        if not name.startswith("compile"):
+            return "other"
+        if (case.name, name) in self.warm or (compile_family(case), name) in self.compiled_families:
+            return "compile-warm"
+        return "compile-max-autotune" if name == "compile-max-autotune" else "compile"
+
+    def reason_to_skip(self, case, name: str) -> str | None:
+        kind = self.kind(case, name)
         seen = self.observed[kind]
-        need = (max(seen) if kind == "compile" else sum(seen) / len(seen)) if seen else FIRST_GUESS_S[kind]
+        cold = kind.startswith("compile") and kind != "compile-warm"
+        need = (max(seen) if cold else sum(seen) / len(seen)) if seen else FIRST_GUESS_S[kind]
         left = self.deadline - time.monotonic()
         if left < need:
             return f"time budget: {left:.0f} s left, this test needs about {need:.0f} s (see --bench-budget)"
         return None
 
-    def observe(self, name: str, seconds: float) -> None:
-        self.observed["compile" if name == "compile" else "other"].append(seconds)
+    def observe(self, case, name: str, seconds: float) -> None:
+        self.observed[self.kind(case, name)].append(seconds)
+        if name.startswith("compile"):
+            self.compiled_families.add((compile_family(case), name))
 
 
 SESSION: dict = {}  # "results": the run's Results once the first benchmark test asked for them
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Every eager and Triton test first, case by case; then the torch.compile tests (whose
-    compilation runs long) in the same order, in whatever time the budget has left."""
+    """The order of the benchmark tests: every contender of the headline; then the quick contenders
+    (Triton, eager, naive) case by case; then the torch.compile contenders (whose compilation runs
+    long) in the same order, in whatever time the budget has left. Other tests come first."""
 
-    def contender_of(item):
-        return item.callspec.params.get("contender_name") if hasattr(item, "callspec") else None
+    def params(item):
+        return item.callspec.params if hasattr(item, "callspec") and "contender_name" in item.callspec.params else None
 
-    others = [item for item in items if contender_of(item) is None]
-    quick = [item for item in items if contender_of(item) in ("triton", "eager")]
-    items[:] = others + quick + [item for item in items if contender_of(item) == "compile"]
+    def rank(item):
+        p = params(item)
+        if p is None:
+            return 0
+        if is_headline(p["case"]):
+            return 1
+        return 3 if p["contender_name"].startswith("compile") else 2
+
+    items.sort(key=rank)  # stable: each group keeps the grid's order
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +147,10 @@ def bench(request) -> tuple[Results, Budget]:
     config = request.config
     out = config.getoption("--bench-out")
     device = torch.device("cuda" if GPU else "cpu")
-    budget = Budget(_budget_s(config))  # counts from the first benchmark test (after tests/ in `pytest tests bench`)
-    results = Results(Path(out) if out else None, device, _grid(config), _budget_s(config), measure_ceilings(device))
+    precompiled = _precompiled(out)
+    budget = Budget(_budget_s(config), precompiled)  # counts from the first benchmark test
+    results = Results(Path(out) if out else None, device, _grid(config), _budget_s(config), measure_ceilings(device),
+                      precompiled)
     SESSION["results"] = results
     return results, budget
 
@@ -125,7 +168,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not GPU:
         terminalreporter.write_line(
             "bench: no GPU, so a smoke run: contenders checked against eager and timed on the CPU, Triton through "
-            "the interpreter at a tiny size only; speed ratios, peak memory and the roofline need a GPU."
+            "the interpreter at a tiny size only, launches counted on the host; speed ratios, peak memory and the "
+            "roofline need a GPU."
         )
     if results.stem is not None:
         terminalreporter.write_line(f"bench: results in {results.stem}.json / .md / .png")

@@ -1,4 +1,4 @@
-"""Speed and peak memory of ``distributional_bpr``: Triton vs eager PyTorch vs torch.compile.
+"""Speed, peak memory and launches of ``distributional_bpr`` for every contender of ``bench.cases``.
 
 One setup per case (rotated input sets and the eager reference) serves every contender, and within
 a contender the correctness check, the speed and the memory measurement. Each contender is first
@@ -11,6 +11,10 @@ Then forward, backward and forward + backward are timed separately:
   graph is built outside the events; then the peak memory of one forward + backward above what the
   inputs already hold (``torch.cuda.max_memory_allocated`` after a reset);
 * on the CPU with the host clock (smoke mode: the numbers only show that everything runs).
+
+Last, the launches of one forward, one backward and both (``bench.launches.count_launches``):
+on a GPU the CUDA kernels the profiler saw, with the host-side count beside them; on the CPU the
+host-side count (leaf torch ops + Triton launches + torch.compile's kernels).
 
 Calls rotate among several fresh random input sets (at least 2x the L2 cache together). Gradients
 come from ``torch.autograd.grad``, so nothing accumulates between calls.
@@ -25,13 +29,15 @@ import time
 import pytest
 import torch
 
-from bench.cases import Case, contender, float_inputs, make_inputs
+from bench.cases import Case, compile_family, contender, float_inputs, make_inputs, naive_skip_reason, reset_compiled
+from bench.launches import count_launches
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 3e-2}
 MAX_INPUT_SETS = 8
-CPU_REPEATS = 5
+CPU_REPEATS = 1  # smoke mode: the CPU times only show that everything runs
+WARM_UP_PASSES = 3 if GPU else 1
 
 
 class CaseSetup:
@@ -51,8 +57,10 @@ class CaseSetup:
     @classmethod
     def of(cls, case: Case) -> CaseSetup:
         if cls.current is None or cls.current.case != case:
-            cls.current = None  # free the previous case's tensors first
-            torch._dynamo.reset()  # and its compiled graphs (the recompile limit counts per function)
+            previous, cls.current = cls.current, None  # free the previous case's tensors first
+            if previous is None or compile_family(previous.case) != compile_family(case):
+                reset_compiled()  # and its compiled graphs (the recompile limit counts per function)
+            del previous
             cls.current = cls(case)
         return cls.current
 
@@ -85,7 +93,7 @@ def backward_median_ms(run, input_sets: list[dict], full_ms: float) -> float:
     repeats = min(50, max(5, int(200 / max(full_ms, 1e-3)))) if GPU else CPU_REPEATS
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEVICE) if GPU else None
     times = []
-    for step in range(3 + repeats):
+    for step in range(WARM_UP_PASSES + repeats):
         inputs = input_sets[step % len(input_sets)]
         loss = run(inputs)
         if GPU:
@@ -100,7 +108,7 @@ def backward_median_ms(run, input_sets: list[dict], full_ms: float) -> float:
             begin = time.perf_counter()
             torch.autograd.grad(loss, float_inputs(inputs))
             elapsed = (time.perf_counter() - begin) * 1e3
-        if step >= 3:  # the first three warm up
+        if step >= WARM_UP_PASSES:
             times.append(elapsed)
     return float(torch.tensor(times).median())
 
@@ -134,9 +142,17 @@ def measure(run, setup: CaseSetup) -> dict:
     return record
 
 
+def launches(run, setup: CaseSetup) -> dict:
+    """Launches of one forward, one backward and both, after the warm-up the timing gave."""
+    inputs = setup.inputs[0]
+    return count_launches(lambda: run(inputs), lambda loss: torch.autograd.grad(loss, float_inputs(inputs)))
+
+
 def test_distributional_bpr(benchmark, bench, case: Case, contender_name: str):
     results, budget = bench
-    reason = budget.reason_to_skip(contender_name)
+    reason = budget.reason_to_skip(case, contender_name)
+    if not reason and contender_name == "naive":
+        reason = naive_skip_reason(case, DEVICE)
     if reason:
         results.skip(case, contender_name, reason)
         pytest.skip(reason)
@@ -151,7 +167,7 @@ def test_distributional_bpr(benchmark, bench, case: Case, contender_name: str):
         if not all(math.isfinite(e) and e <= TOLERANCE[case.dtype] for e in errors.values()):
             results.skip(case, contender_name, f"disagrees with eager: {errors}")
             pytest.fail(f"{contender_name} disagrees with eager beyond {TOLERANCE[case.dtype]}: {errors}")
-        record = dict(errors=errors, first_call_s=first_call_s, **measure(run, setup))
+        record = dict(errors=errors, first_call_s=first_call_s, **measure(run, setup), launches=launches(run, setup))
     except NotImplementedError as error:
         reason = f"not implemented yet: {error}"
     except torch.OutOfMemoryError:
@@ -171,4 +187,4 @@ def test_distributional_bpr(benchmark, bench, case: Case, contender_name: str):
 
     benchmark.extra_info.update(record)
     benchmark.pedantic(synchronised_step, rounds=5 if GPU else 1, iterations=1)
-    budget.observe(contender_name, time.monotonic() - started)
+    budget.observe(case, contender_name, time.monotonic() - started)
