@@ -208,9 +208,10 @@ def contender(name: str, case: Case, device: torch.device):
     """A function of an input dict returning the loss, for a name of ``CONTENDERS``.
 
     The compiled contenders of the B sweep compile once with the batch axis dynamic
-    (``maybe_mark_dynamic``) and serve every B of the sweep until ``reset_compiled``; elsewhere
-    the shapes are static. With CUDA graphs each call starts a new step
-    (``cudagraph_mark_step_begin``), since the benchmark runs forwards without a backward too.
+    (``maybe_mark_dynamic``) and serve every B of the sweep; elsewhere the shapes are static. A
+    compile family's compiled contenders are kept until one of another family is asked for. With
+    CUDA graphs each call starts a new step (``cudagraph_mark_step_begin``), since the benchmark
+    runs forwards without a backward too.
     """
     options = case.options()
     if name == "triton":
@@ -231,6 +232,8 @@ def contender(name: str, case: Case, device: torch.device):
         return lambda inputs: torch_loss(**inputs)
     dynamic_batch = in_batch_sweep(case)
     key = (name, compile_family(case), device)
+    if any(other[1:] != key[1:] for other in _COMPILED):
+        reset_compiled()  # the other family's graphs and CUDA graph pools go (recompile limits count per function)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(torch_loss, mode=COMPILE_MODES[name], dynamic=None if dynamic_batch else False)
     compiled = _COMPILED[key]

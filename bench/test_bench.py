@@ -29,7 +29,7 @@ import time
 import pytest
 import torch
 
-from bench.cases import Case, compile_family, contender, float_inputs, make_inputs, naive_skip_reason, reset_compiled
+from bench.cases import Case, contender, float_inputs, make_inputs, naive_skip_reason
 from bench.launches import count_launches
 
 GPU = torch.cuda.is_available()
@@ -57,10 +57,7 @@ class CaseSetup:
     @classmethod
     def of(cls, case: Case) -> CaseSetup:
         if cls.current is None or cls.current.case != case:
-            previous, cls.current = cls.current, None  # free the previous case's tensors first
-            if previous is None or compile_family(previous.case) != compile_family(case):
-                reset_compiled()  # and its compiled graphs (the recompile limit counts per function)
-            del previous
+            cls.current = None  # free the previous case's tensors first
             cls.current = cls(case)
         return cls.current
 
