@@ -9,10 +9,11 @@ FLOPs (every one of them matrix-product shaped, so counted at the tensor-core ra
 * sampled: each row's 1 + S scores, a batched matrix-vector product of 2 B (1 + S) F, three times.
 
 Rates: the residual-codebook products at the input dtype's fastest rate (bf16 tensor cores for 16-bit
-inputs, tf32 for float32); the score products, whose operands are float32 log-probabilities, at the
-tf32 rate. Bytes: every input read once and every gradient written once. The floor is the larger of
-FLOPs / rate and bytes / copy bandwidth; elementwise work (exp, log, softplus) is not counted, so
-the floor is optimistic.
+inputs, tf32 for float32); the score products at the bf16 rate for 16-bit inputs (bf16 operands meet
+their accuracy target) and at a third of it for float32 inputs (three bf16 products, bf16x3, are the
+least that meets the float32 target; README "Precision"). Bytes: every input read once and every
+gradient written once. The floor is the larger of FLOPs / rate and bytes / copy bandwidth;
+elementwise work (exp, log, softplus) is not counted, so the floor is optimistic.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def floor_ms(case: Case, ceilings: dict) -> dict:
     """The floor in ms and what bounds it ("compute" or "memory")."""
     counts = work(case)
     assignment_rate = ceilings["tf32_flops_per_s" if case.dtype == "float32" else "bf16_flops_per_s"]
-    compute_s = counts["assignment_flops"] / assignment_rate + counts["score_flops"] / ceilings["tf32_flops_per_s"]
+    score_rate = ceilings["bf16_flops_per_s"] / (3 if case.dtype == "float32" else 1)
+    compute_s = counts["assignment_flops"] / assignment_rate + counts["score_flops"] / score_rate
     memory_s = counts["bytes"] / ceilings["copy_bytes_per_s"]
     return dict(counts, ms=1e3 * max(compute_s, memory_s), bound="compute" if compute_s >= memory_s else "memory")
 
