@@ -54,6 +54,8 @@ ONE_KERNEL_OPS = frozenset(f"aten::{name}" for name in (
 # Reads of a device value on the host (int(tensor), .item()): a copy and a synchronisation, not a
 # kernel; counted apart as ``syncs``.
 HOST_SYNC_OPS = frozenset({"aten::_local_scalar_dense"})
+# Run even with execute=False: the index checks' bounds, which decide whether the call raises (cheap).
+HOST_READ_KERNELS = frozenset({"_index_bounds_kernel"})
 
 
 def interpreter_enabled() -> bool:
@@ -111,7 +113,8 @@ class Launches:
 @contextlib.contextmanager
 def triton_launch_ranges(execute: bool = True) -> Iterator[None]:
     """Every Triton launch inside becomes the profiler range ``triton::<kernel>``; with
-    ``execute=False`` (interpreter only) a launch is recorded and not run."""
+    ``execute=False`` (interpreter only) a launch is recorded and not run, except those of
+    ``HOST_READ_KERNELS``, whose results the host reads and acts on."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -125,7 +128,7 @@ def triton_launch_ranges(execute: bool = True) -> Iterator[None]:
         if warmup:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         with record_function(TRITON_RANGE + kernel_name(self)):
-            if execute:
+            if execute or kernel_name(self) in HOST_READ_KERNELS:
                 return original(self, *args, grid=grid, warmup=warmup, **kwargs)
             return None
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops.common import INTERPRETER, index_bounds
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 BACKENDS = ("auto", "triton", "torch")
@@ -55,16 +57,23 @@ def check_index_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
     return value
 
 
-def check_index_range(name: str, value: torch.Tensor, low: int, high: int) -> None:
-    """Every entry of ``value`` lies in [low, high)."""
-    if value.numel() == 0:
+def check_index_ranges(*checks: tuple[str, torch.Tensor, int, int]) -> None:
+    """For each (name, value, low, high) of one or two checks: every entry of ``value`` lies in
+    [low, high). On a GPU (and under the Triton interpreter) the bounds of all of them come from
+    one kernel and one host read (``index_bounds``); on a CPU from ``torch.aminmax``."""
+    checks = [check for check in checks if check[1].numel() > 0]
+    if not checks:
         return
-    bounds = torch.aminmax(value)  # one reduction (a kernel and a host synchronisation on a GPU)
-    smallest, largest = int(bounds.min), int(bounds.max)
-    if smallest < low or largest >= high:
-        bad = smallest if smallest < low else largest
-        padding = " (-1 is padding)" if low == -1 else ""
-        raise IndexError(f"{name} holds {bad}, outside the valid range [{low}, {high}){padding}")
+    values = [value for _, value, _, _ in checks]
+    if values[0].is_cuda or INTERPRETER:
+        bounds = index_bounds(*values)
+    else:
+        bounds = [(int(b.min), int(b.max)) for b in map(torch.aminmax, values)]
+    for (name, _, low, high), (smallest, largest) in zip(checks, bounds, strict=True):
+        if smallest < low or largest >= high:
+            bad = smallest if smallest < low else largest
+            padding = " (-1 is padding)" if low == -1 else ""
+            raise IndexError(f"{name} holds {bad}, outside the valid range [{low}, {high}){padding}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
@@ -90,14 +99,15 @@ def check_option(name: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_layer_weights(value, num_layers: int, device: torch.device, values: bool = True) -> torch.Tensor:
+def check_layer_weights(value, num_layers: int, device: torch.device, values: bool = True) -> torch.Tensor | None:
     """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` non-negative weights
     (finiteness and sign checked only with ``values``).
 
-    Returned as a detached float32 tensor on ``device``: layer weights get no gradient.
+    Returned as a detached float32 tensor on ``device`` (layer weights get no gradient), or None
+    for all ones: the kernels then load no weights and nothing is allocated.
     """
     if value is None:
-        return torch.ones(num_layers, dtype=torch.float32, device=device)
+        return None
     if isinstance(value, torch.Tensor):
         if value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"layer_weights must be real numbers, got {value.dtype}")
@@ -136,7 +146,7 @@ def check_residuals(name: str, value, num_layers: int, dim: int, rows: str) -> N
 class BPRArgs:
     """The validated, normalised arguments of ``distributional_bpr``."""
 
-    layer_weights: torch.Tensor
+    layer_weights: torch.Tensor | None
     temperature: float
     user_temperature: float
     in_batch: str
@@ -183,9 +193,10 @@ def check_distributional_bpr(
     values = check_values(validate)
     weights = check_layer_weights(layer_weights, num_layers, device, values)
     if values:
-        check_index_range("positives", positives, 0, items.shape[0])
+        checks = [("positives", positives, 0, items.shape[0])]
         if negatives is not None:
-            check_index_range("negatives", negatives, -1, items.shape[0])
+            checks.append(("negatives", negatives, -1, items.shape[0]))
+        check_index_ranges(*checks)
     return BPRArgs(weights, tau, tau_user, in_batch, reduction, backend)
 
 

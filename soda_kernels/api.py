@@ -33,11 +33,11 @@ from ._validation import (
     check_temperature,
     check_values,
 )
-from .ops.in_batch_mean import in_batch_bpr as in_batch_mean
+from .ops.in_batch_mean import in_batch_mean
 from .ops.in_batch_pairs import in_batch_pairs
-from .ops.pairwise_kl import pairwise_kl_op
+from .ops.pairwise_kl import pairwise_kl as pairwise_kl_triton
 from .ops.sampled_negatives import sampled_bpr
-from .ops.soft_assignment import codebook_log_softmax_op
+from .ops.soft_assignment import log_soft_assignment
 
 
 @autocast_off
@@ -61,7 +61,7 @@ def codebook_log_softmax(
     tau = check_temperature("temperature", temperature)
     if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
         return torch_backend.codebook_log_softmax(x, codebooks, tau)
-    return codebook_log_softmax_op(x, codebooks, tau)
+    return log_soft_assignment(x, codebooks, tau)
 
 
 @autocast_off
@@ -95,7 +95,7 @@ def pairwise_kl(
     weights = check_layer_weights(layer_weights, p_logits.shape[1], device, check_values(validate))
     if resolve_backend(backend, p_logits=p_logits, q_logits=q_logits) == "torch":
         return torch_backend.pairwise_kl(p_logits, q_logits, weights)
-    return pairwise_kl_op(p_logits, q_logits, weights.contiguous())
+    return pairwise_kl_triton(p_logits, q_logits, weights)
 
 
 @autocast_off
@@ -156,7 +156,7 @@ def distributional_bpr(
     if negatives is not None:
         return sampled_bpr(user, items, codebooks, positives, negatives, **options)
     if in_batch == "mean":
-        return in_batch_mean(user, items, codebooks, positives, in_batch=in_batch, **options)
+        return in_batch_mean(user, items, codebooks, positives, **options)
     return in_batch_pairs(user, items, codebooks, positives, in_batch=in_batch, **options)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import FLOAT_DTYPES, check_gather_in_batch, check_index_range
+from ._validation import FLOAT_DTYPES, check_gather_in_batch, check_index_ranges
 
 # The per-rank description exchanged before gathering, one int64 each.
 _FIELDS = (
@@ -86,7 +86,7 @@ def gather_in_batch(
     if world == 1:
         if item_ids is None:
             return user, items, positives
-        check_index_range("positives", positives, 0, len(items))
+        check_index_ranges(("positives", positives, 0, len(items)))
         return user, items, _first_occurrence(item_ids)[positives]
 
     rank = dist.get_rank(group)

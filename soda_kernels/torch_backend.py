@@ -43,11 +43,18 @@ def _negative_entropy(log_p: torch.Tensor, layer_weights: torch.Tensor) -> torch
     return ((log_p.exp() * log_p).sum(-1) * layer_weights).sum(-1)
 
 
-def pairwise_kl(p_logits, q_logits, layer_weights: torch.Tensor) -> torch.Tensor:
+def _layer_weights(layer_weights: torch.Tensor | None, num_layers: int, dtype, device) -> torch.Tensor:
+    """The (L,) weights in ``dtype``; None is all ones."""
+    if layer_weights is None:
+        return torch.ones(num_layers, dtype=dtype, device=device)
+    return layer_weights.to(dtype)
+
+
+def pairwise_kl(p_logits, q_logits, layer_weights: torch.Tensor | None) -> torch.Tensor:
     dtype = compute_dtype(p_logits, q_logits)
     log_p = p_logits.to(dtype).log_softmax(-1)
     log_q = q_logits.to(dtype).log_softmax(-1)
-    weights = layer_weights.to(dtype)
+    weights = _layer_weights(layer_weights, p_logits.shape[1], dtype, p_logits.device)
     cross = (log_p.exp() * weights[:, None]).flatten(1) @ log_q.flatten(1).T
     return _negative_entropy(log_p, weights)[:, None] - cross
 
@@ -142,7 +149,7 @@ def reduce_terms(row_sums: torch.Tensor, row_counts: torch.Tensor, reduction: st
 def distributional_bpr(user, items, codebooks, positives, negatives, *, user_logits, in_batch,
                        symmetric, temperature, user_temperature, layer_weights, reduction):
     dtype = compute_dtype(user, items, codebooks)
-    weights = layer_weights.to(dtype)
+    weights = _layer_weights(layer_weights, codebooks.shape[0], dtype, codebooks.device)
     if user_logits:
         log_q = user.to(dtype).log_softmax(-1)
     else:

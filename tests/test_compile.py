@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import soda_kernels as sk
-from soda_kernels.ops.in_batch_mean import in_batch_bpr_backward, in_batch_bpr_op
+from soda_kernels.ops.in_batch_mean import in_batch_mean_backward, in_batch_mean_op
 from soda_kernels.ops.in_batch_pairs import in_batch_pairs_backward, in_batch_pairs_op
 from soda_kernels.ops.pairwise_kl import pairwise_kl_backward, pairwise_kl_op
 from soda_kernels.ops.sampled_negatives import sampled_bpr_backward, sampled_bpr_op
@@ -28,29 +28,35 @@ def _opcheck_cases():
     logits = _randn(4, 2, 5, seed=4)
     weights = torch.tensor([1.0, 0.5], device=DEVICE)
     positives = torch.tensor([0, 1, 1, 3], device=DEVICE)
-    samples = torch.tensor([[0, 2, -1], [1, 5, 4], [1, 0, 0], [3, -1, 2]], device=DEVICE)
+    negatives = torch.tensor([[2, -1], [5, 4], [0, 0], [-1, 2]], device=DEVICE)
     log_probs = codebook_log_softmax_op(items, codebooks, 0.5)
-    pair_scores = sampled_bpr_op(user, items, codebooks, samples, weights, False, True, 0.5, 0.7)[1]
-    in_batch = (user, items, codebooks, positives, weights)
     cases = [
         (codebook_log_softmax_op, (items, codebooks, 0.5)),
         (codebook_log_softmax_backward, (_randn(6, 2, 5), items, codebooks, log_probs, 0.5)),
         (pairwise_kl_op, (logits, _randn(3, 2, 5), weights)),
         (pairwise_kl_backward, (_randn(4, 3), logits, _randn(3, 2, 5), weights)),
-        (sampled_bpr_op, (user, items, codebooks, samples, weights, False, True, 0.5, 0.7)),
-        (sampled_bpr_backward, (_randn(4), user, items, codebooks, samples, weights, pair_scores,
-                                False, True, 0.5, 0.7)),
+        (pairwise_kl_op, (logits, _randn(3, 2, 5), None)),  # None: all ones, no weights loaded
     ]
+    # Each op also once without layer weights (None).
+    for user_rows, user_logits, reduction, w in ((user, False, "mean", weights), (logits, True, "none", None)):
+        sampled = (user_rows, items, codebooks, positives, negatives, w)
+        options = (user_logits, True, 0.5, 0.7, reduction)
+        saved = sampled_bpr_op(*sampled, *options)[1:]
+        grad = _randn(*(() if reduction != "none" else (4,)))
+        cases += [(sampled_bpr_op, (*sampled, *options)), (sampled_bpr_backward, (grad, *sampled, *saved, *options))]
     for mode, reduction, symmetric in (("both", "mean", False), ("items", "none", True), ("users", "sum", False)):
+        in_batch = (user, items, codebooks, positives, None if mode == "users" else weights)
         options = (mode, False, symmetric, 0.5, 0.7, reduction)
         _, counts, total = in_batch_pairs_op(*in_batch, *options)
         grad = _randn(*(() if reduction != "none" else (4,)))
         cases += [(in_batch_pairs_op, (*in_batch, *options)),
                   (in_batch_pairs_backward, (grad, *in_batch, counts, total, *options))]
-    options = ("mean", False, False, 0.5, 0.7, "none")
-    row_counts = in_batch_bpr_op(*in_batch, *options)[1]
-    cases += [(in_batch_bpr_op, (*in_batch, *options)),
-              (in_batch_bpr_backward, (_randn(4), *in_batch, row_counts, *options))]
+    for user_rows, user_logits, reduction, w in ((user, False, "none", weights), (logits, True, "sum", None)):
+        mean = (user_rows, items, codebooks, positives, w)
+        options = (user_logits, True, 0.5, 0.7, reduction)
+        saved = in_batch_mean_op(*mean, *options)[1:]
+        grad = _randn(*(() if reduction != "none" else (4,)))
+        cases += [(in_batch_mean_op, (*mean, *options)), (in_batch_mean_backward, (grad, *mean, *saved, *options))]
     return cases
 
 

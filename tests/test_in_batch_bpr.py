@@ -141,7 +141,7 @@ def test_random_shapes_match_reference(batch, num_items, layers, codes, dim, mod
                                      user_logits=user_logits, temperature=temperature)
 
 
-@pytest.mark.parametrize("mode", ["items", "users", "both"])
+@pytest.mark.parametrize("mode", ["items", "users", "both", "mean"])
 def test_no_transient_as_large_as_the_score_matrix(mode):
     """Forward + backward at B = 96 with F = L K = 4 features: every buffer the op allocates
     (operands B F, partials O(B), codebook partials) stays far below the B x B score matrix."""
@@ -152,3 +152,22 @@ def test_no_transient_as_large_as_the_score_matrix(mode):
     largest = max(event.cpu_memory_usage for event in prof.events())  # bytes one op allocated
     score_matrix = batch * batch * 4
     assert 0 < largest < score_matrix / 4, f"an op allocated {largest} bytes; B x B float32 is {score_matrix}"
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mean_of_uneven_groups_does_not_cancel(symmetric):
+    """Five rows share a positive and put almost all their mass (1 - 1e-13) on code 0; the sixth
+    row has its own positive and about e^-30 there. The mean user of each of the five is the lone
+    row's distribution, whose mass at code 0 a sum over the batch minus the group's sum would bury
+    under the rounding of the five ones; the positives' P put real mass on code 0, so log M there
+    moves the loss. The sums over the other groups keep it to float32's accuracy."""
+    layers, codes, dim = 2, 5, 3
+    inputs = make_bpr_inputs(6, 6, layers, codes, dim, user_logits=True, generator=_seeded("uneven", symmetric))
+    logits = torch.zeros(6, layers, codes, device=DEVICE)
+    logits[:5, :, 0] = 30.0
+    logits[5, :, 0] = -30.0
+    inputs["user"] = logits.requires_grad_()
+    inputs["positives"] = torch.tensor([0, 0, 0, 0, 0, 1], device=DEVICE)
+    with torch.no_grad():  # item 0's residuals at codeword 0: its P peaks there
+        inputs["items"][0] = inputs["codebooks"][:, 0, :] + 0.1
+    compare_with_reference(inputs, "triton", in_batch="mean", symmetric=symmetric, user_logits=True, temperature=2.0)

@@ -41,11 +41,20 @@ def test_every_option_matches_reference(options):
     compare_with_reference(data, "triton", **options)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_tiles_over_codes_and_dims(symmetric):
-    # K = 70 spans two 64-wide code tiles, d = 67 two 64-wide dim tiles, B = 35 two row blocks.
-    data = inputs(batch=35, num_items=12, layers=2, codes=70, dim=67, samples=2, seed=1)
-    compare_with_reference(data, "triton", symmetric=symmetric, temperature=8.0)
+def test_tiles_over_codes_and_dims():
+    # The interpreter's tiles are 16 rows and 16 codes and the backward projects d in chunks of 64:
+    # K = 40 spans three code tiles (the summaries and the occurrence gradients carried from tile to
+    # tile), d = 67 two chunks, B = 17 two row blocks, S = 4 two splits of the negatives.
+    data = inputs(batch=17, num_items=12, layers=2, codes=40, dim=67, samples=4, seed=1)
+    compare_with_reference(data, "triton", symmetric=True, temperature=8.0)
+
+
+def test_float32_many_samples_and_duplicates():
+    # Every item sampled many times over (N = 3), the positive among the negatives, K = 33 in three
+    # tiles: the sorted segmented sum adds up to 12 occurrences per item.
+    data = inputs(batch=6, num_items=3, layers=2, codes=33, dim=5, samples=5, seed=11)
+    data["negatives"][0] = data["positives"][0]
+    compare_with_reference(data, "triton", symmetric=True, reduction="sum", temperature=0.7)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -83,9 +92,11 @@ def test_padding_single_sample_single_row():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_no_terms_gives_zero_and_zero_gradients(reduction):
+@pytest.mark.parametrize("samples", [0, 3])
+def test_no_terms_gives_zero_and_zero_gradients(reduction, samples):
+    # All negatives padding, or none at all (S = 0).
     data = inputs(seed=5)
-    data["negatives"].fill_(-1)
+    data["negatives"] = torch.full((data["positives"].shape[0], samples), -1, device=DEVICE)
     loss = sk.distributional_bpr(**data, reduction=reduction, backend="triton")
     loss.sum().backward()
     assert torch.count_nonzero(loss) == 0
@@ -153,3 +164,24 @@ def test_saves_nothing_as_large_as_b_l_k(user_logits):
                                      backend="triton")
     loss.backward()
     assert new_sizes and max(new_sizes) < batch * layers * codes
+
+
+@pytest.mark.parametrize("user_logits", [False, True])
+def test_no_transient_as_large_as_the_occurrence_logits(user_logits):
+    """Forward + backward with K = 64 codes and d = 2: every buffer the op allocates (the summaries
+    B (1 + S) L 4, the occurrence gradients B (1 + S) L d, the codebook partials) stays far below
+    one float32 logit per occurrence, code and layer, B (1 + S) L K, which the PyTorch backend
+    allocates (checked too, so that the measure is known to see such a buffer)."""
+    batch, samples, layers, codes = 16, 7, 2, 64
+    data = inputs(batch=batch, num_items=40, layers=layers, codes=codes, dim=2, samples=samples, seed=12,
+                  user_logits=user_logits)
+    occurrence_logits = batch * (1 + samples) * layers * codes * 4
+
+    def largest_allocation(backend):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            sk.distributional_bpr(**data, user_logits=user_logits, symmetric=True, backend=backend).backward()
+        return max(event.cpu_memory_usage for event in prof.events())  # bytes one op allocated
+
+    assert largest_allocation("torch") >= occurrence_logits * samples / (1 + samples)
+    largest = largest_allocation("triton")
+    assert 0 < largest < occurrence_logits / 4, f"an op allocated {largest} bytes; B (1 + S) L K is {occurrence_logits}"

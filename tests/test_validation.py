@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import soda_kernels as sk
+from soda_kernels.ops.common import index_bounds
 
 
 def _inputs(**overrides):
@@ -105,3 +106,23 @@ def test_module_refuses_unknown_options():
 def test_other_ops_name_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("sizes", [(1, None), (300, 7), (5, 301), (129, 0)])
+def test_index_bounds_match_aminmax(dtype, sizes):
+    """One launch for the index checks of positives and negatives: every program's strided share
+    (sizes over 2 programs x 64 in the interpreter), an empty second tensor, int32 and int64."""
+    g = torch.Generator().manual_seed(sum(s or 0 for s in sizes))
+    tensors = [torch.randint(-50, 10**6, (size,), generator=g, dtype=dtype) for size in sizes if size is not None]
+    bounds = index_bounds(*tensors)
+    expected = [(int(t.min()), int(t.max())) if t.numel() else (2**63 - 1, -(2**63)) for t in tensors]
+    assert bounds == expected
+
+
+def test_bad_negative_in_the_last_block_is_found():
+    """An out-of-range negative at the very end of a table that spans several blocks and programs."""
+    negatives = torch.randint(-1, 6, (4, 97), generator=torch.Generator().manual_seed(3))
+    negatives[-1, -1] = 6
+    with pytest.raises(IndexError, match="negatives holds 6"):
+        sk.distributional_bpr(**_inputs(negatives=negatives), backend="triton")

@@ -6,10 +6,9 @@ import torch
 
 import soda_kernels as sk
 from soda_kernels import reference
+from soda_kernels.reference import TOLERANCE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# ||out - ref|| / ||ref|| allowed per input dtype (float64 runs only on the torch backend).
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

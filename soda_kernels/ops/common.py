@@ -91,11 +91,17 @@ def launch_config(kind: str, **sizes: int) -> dict:
       "scores"  (features, wide): in-batch score tiles, forward
       "grads"   (features, wide): in-batch score tiles, backward (and the gradient chunks' width)
       "reduce"  (): one-program reductions over B
+      "bounds"  (): the index checks' min and max, a few programs striding over the indices
       "partials" (): elementwise sums of per-program partials
       "match"   (width): rows summed over equal indices
       "samples" (codes, dim, wide): sampled negatives, forward: a block of rows, K in tiles
-      "sample_grads" (codes, dim, wide): sampled negatives, backward (d whole in BLOCK_DIM)
+      "sample_grads" (codes, dim, wide): sampled negatives, backward (d's projections in BLOCK_G chunks)
       "segments" (width): rows summed over a sorted index
+      "groups"  (): in-batch "mean", sums over the batch's groups, a chunk of features a program
+      "rank"    (): in-batch "mean", rows ranked by their positive
+      "pairwise" (codes): pairwise_kl's output tiles
+      "mean_logits", "mean_grads" (codes, dim, wide): in-batch "mean"'s prologue and epilogue ("rows")
+      "log_softmax", "log_softmax_grads" (codes, dim, wide): codebook_log_softmax ("rows")
     """
     if kind == "rows":
         block_dim = _pow2(sizes["dim"])
@@ -127,6 +133,8 @@ def launch_config(kind: str, **sizes: int) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_F=64, BLOCK_G=64, num_warps=8, num_stages=3)
     if kind == "reduce":
         return dict(BLOCK=64) if INTERPRETER else dict(BLOCK=1024, num_warps=8)
+    if kind == "bounds":
+        return dict(BLOCK=64, PROGRAMS=2) if INTERPRETER else dict(BLOCK=1024, PROGRAMS=32, num_warps=4)
     if kind == "partials":
         return dict(BLOCK=256) if INTERPRETER else dict(BLOCK=1024, num_warps=4)
     if kind == "match":
@@ -136,15 +144,41 @@ def launch_config(kind: str, **sizes: int) -> dict:
     if kind in ("samples", "sample_grads"):
         block_dim = _pow2(sizes["dim"])
         block_d = min(block_dim, 32 if sizes["wide"] else 64)
+        # sample_grads: the codebook partial (codes, BLOCK_G) and gradient rows (rows, BLOCK_G) on chip
+        block_g = min(block_dim, 64 if sizes["wide"] or INTERPRETER else 128)
         if INTERPRETER:
             config = dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d)
-        elif kind == "samples":  # four (rows, codes) float32 tiles live across the samples
-            config = dict(BLOCK_R=32, BLOCK_K=_pow2(sizes["codes"], high=128), BLOCK_D=block_d, num_warps=4,
-                          num_stages=2)
-        else:  # the codebook partial (codes, d) and the gradient rows (rows, d) stay on chip
-            config = dict(BLOCK_R=16, BLOCK_K=max(16, min(_pow2(sizes["codes"], high=128), 8192 // block_dim)),
+        elif kind == "samples":
+            config = dict(BLOCK_R=32, BLOCK_K=_pow2(sizes["codes"], high=64), BLOCK_D=block_d,
+                          num_warps=8 if sizes["wide"] else 4, num_stages=2)
+        else:
+            codes = (2048 if sizes["wide"] else 8192) // block_g
+            config = dict(BLOCK_R=16, BLOCK_K=max(16, min(_pow2(sizes["codes"], high=128), codes)),
                           BLOCK_D=block_d, num_warps=8, num_stages=2)
-        return config if kind == "samples" else dict(config, BLOCK_DIM=block_dim)
+        return config if kind == "samples" else dict(config, BLOCK_G=block_g)
+    if kind in ("mean_logits", "mean_grads"):  # in-batch "mean": its prologue (logits), its epilogue
+        config = launch_config("rows", **sizes)
+        for name in ("BLOCK_DIM", "PROGRAMS") if kind == "mean_logits" else ("BLOCK_D",):
+            del config[name]
+        if not INTERPRETER:  # measured against the static report: no spills at the benchmark's shapes
+            config.update(dict(num_stages=3) if kind == "mean_logits" else
+                          dict(BLOCK_R=16, num_warps=8 if sizes["wide"] else 4))
+        return config
+    if kind in ("log_softmax", "log_softmax_grads"):  # codebook_log_softmax, forward and backward ("rows")
+        config = launch_config("rows", **sizes)
+        for name in ("BLOCK_DIM", "PROGRAMS") if kind == "log_softmax" else ("BLOCK_D",):
+            del config[name]
+        if not INTERPRETER:  # measured against the static report: no spills at the benchmark's shapes
+            config.update(dict(BLOCK_R=64) if kind == "log_softmax" else dict(num_warps=4))
+        return config
+    if kind == "pairwise":  # (rows of P, rows of Q) tiles of pairwise_kl, K in tiles
+        if INTERPRETER:
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_pow2(sizes["codes"], high=64), num_warps=8, num_stages=2)
+    if kind == "rank":  # rows ranked against the batch, BLOCK_C of it at a time
+        return dict(BLOCK_R=16, BLOCK_C=16) if INTERPRETER else dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
+    if kind == "groups":  # a program streams B rows of a chunk of BLOCK_F features, BLOCK_R at a time
+        return dict(BLOCK_R=16, BLOCK_F=16) if INTERPRETER else dict(BLOCK_R=64, BLOCK_F=32, num_warps=4)
     if kind == "segments":
         if INTERPRETER:
             return dict(BLOCK_T=16, BLOCK_W=_pow2(sizes["width"], high=64))
@@ -154,6 +188,28 @@ def launch_config(kind: str, **sizes: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Tile helpers.
+
+
+@triton.jit
+def layer_weight(weights_ptr, layer):
+    """w_l, float32: from weights_ptr (L,) float32, or 1 when weights_ptr is None (no layer weights
+    given: the default, which then costs no tensor and no load)."""
+    if weights_ptr is None:
+        weight = 1.0
+    else:
+        weight = tl.load(weights_ptr + layer)
+    return weight
+
+
+@triton.jit
+def feature_weights(weights_ptr, features, num_codes, mask):
+    """The weight of each feature f = l K + k of ``features`` (a tensor), w_l, float32; 0 where
+    ``mask`` is false. weights_ptr as ``layer_weight``."""
+    if weights_ptr is None:
+        weights = tl.where(mask, 1.0, 0.0)
+    else:
+        weights = tl.load(weights_ptr + features // num_codes, mask=mask, other=0.0)
+    return weights
 
 
 @triton.jit
@@ -215,6 +271,24 @@ def codebook_logits(
 
 
 @triton.jit
+def load_logits(logits_ptr, row_stride, rows, row_mask, codes, code_mask):
+    """A (rows, codes) tile of one layer's logits (K contiguous values a row at logits_ptr +
+    r * row_stride) as float32, -inf on masked codes (so that they vanish from every softmax)."""
+    logits = tl.load(logits_ptr + rows[:, None] * row_stride + codes[None, :],
+                     mask=row_mask[:, None] & code_mask[None, :], other=0.0).to(tl.float32)
+    return tl.where(code_mask[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def log_sum_exp_update(running_max, running_sum, logits):
+    """One K tile of an online log-sum-exp: (max, sum of exp(logit - max)) per row, (BLOCK_R,)
+    each, after the (BLOCK_R, BLOCK_K) tile ``logits``; start from (-inf, 0), end with max + log sum."""
+    new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
 def layer_logits(
     src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
     FROM_LOGITS: tl.constexpr,
@@ -224,9 +298,7 @@ def layer_logits(
     from src_ptr (the layer's logits, K contiguous values a row) when FROM_LOGITS, else the
     codebook logits of the residuals at src_ptr (c_ptr: the layer's codebook (K, d))."""
     if FROM_LOGITS:
-        logits = tl.load(src_ptr + rows[:, None] * row_stride + codes[None, :],
-                         mask=row_mask[:, None] & code_mask[None, :], other=0.0).to(tl.float32)
-        logits = tl.where(code_mask[None, :], logits, float("-inf"))
+        logits = load_logits(src_ptr, row_stride, rows, row_mask, codes, code_mask)
     else:
         logits = codebook_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim,
                                  inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
@@ -247,9 +319,7 @@ def log_sum_exp(
         codes = k_start + tl.arange(0, BLOCK_K)
         logits = layer_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, codes < num_codes, dim,
                               inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        running_max = new_max
+        running_max, running_sum = log_sum_exp_update(running_max, running_sum, logits)
     return running_max + tl.log(running_sum)
 
 
@@ -272,8 +342,89 @@ def project_logit_grad(grad_logits, x, c, PRECISION: tl.constexpr):
     return grad_x, grad_c
 
 
+@triton.jit
+def project_logit_grad_into(grad_logits, x, c, grad_x, grad_c, PRECISION: tl.constexpr):
+    """``project_logit_grad`` for a caller that sums many tiles of rows into one codebook partial:
+    (grad_x + g c, grad_c + g^T x, sum_r g), (BLOCK_R, BLOCK_G), (BLOCK_K, BLOCK_G) and (BLOCK_K,)
+    float32, up to the factor 2 / tau, which the caller folds into g. The caller subtracts
+    (sum of the sum_r g) c from its partial once, after its last tile.
+
+    grad_logits (BLOCK_R, BLOCK_K) float32, 0 on masked rows and codes; x (BLOCK_R, BLOCK_G) and
+    c (BLOCK_K, BLOCK_G) a chunk of the residuals' and the codewords' features. bfloat16 x and c
+    multiply natively with g rounded to bfloat16 (relative 4e-3, inside the 16-bit inputs'
+    tolerance), the column sums taken of the rounded g, so that g^T x - (sum g) c is still
+    sum g (x - c) and nothing cancels; float16 (whose range would flush small g to 0) and float32
+    operands multiply in float32 at ``PRECISION``.
+    """
+    if NATIVE_16BIT_DOT and x.dtype == tl.bfloat16 and c.dtype == tl.bfloat16:
+        g = grad_logits.to(tl.bfloat16)
+    else:
+        g = grad_logits
+        x = x.to(tl.float32)
+        c = c.to(tl.float32)
+    grad_x = mma(g, c, grad_x, PRECISION)
+    grad_c = mma(tl.trans(g), x, grad_c, PRECISION)
+    return grad_x, grad_c, tl.sum(g.to(tl.float32), axis=0)
+
+
+@triton.jit
+def project_into_partial(grad_logits, x, c, grad_x, part_ptr, codes, code_mask, dim, first, PRECISION: tl.constexpr):
+    """``project_logit_grad_into`` for one tile of a program whose codebook partial lives in global
+    memory: returns grad_x + g c and sets (``first``) or adds to rows ``codes`` of the partial
+    part_ptr (K, d) float32 g^T x - (sum_r g) c, the partial read back by the program that owns
+    it. Arguments as ``project_logit_grad_into``; c (BLOCK_K, BLOCK_DIM) with d whole."""
+    offs_d = tl.arange(0, c.shape[1])
+    tile = part_ptr + codes[:, None] * dim + offs_d[None, :]
+    tile_mask = code_mask[:, None] & (offs_d < dim)[None, :]
+    grad_c = tl.load(tile, mask=tile_mask & ~first, other=0.0)
+    grad_x, grad_c, column_sum = project_logit_grad_into(grad_logits, x, c, grad_x, grad_c, PRECISION)
+    tl.store(tile, grad_c - column_sum[:, None] * c.to(tl.float32), mask=tile_mask)
+    return grad_x
+
+
 # ----------------------------------------------------------------------------------------------
-# Finishing kernels shared by the ops.
+# Finishing kernels shared by the ops, and the index checks' reduction.
+
+
+@triton.jit
+def _index_bounds_kernel(first_ptr, first_size, second_ptr, second_size, out_ptr, BLOCK: tl.constexpr):
+    """Program p's min and max of each index tensor over the blocks p, p + P, ... (P programs).
+
+    first_ptr: (first_size,) int32 or int64; second_ptr: the same, or None for one tensor;
+    out_ptr: (P, 2, 2) int64, [p, t] = (min, max) of tensor t's blocks, (int64 max, int64 min)
+    where the program saw none of it.
+    """
+    program, programs = tl.program_id(0), tl.num_programs(0)
+    out = out_ptr + program * 4
+    for t in tl.static_range(2):
+        ptr = first_ptr if t == 0 else second_ptr
+        size = first_size if t == 0 else second_size
+        if ptr is not None:
+            low = tl.full((BLOCK,), 9223372036854775807, tl.int64)
+            high = tl.full((BLOCK,), -9223372036854775808, tl.int64)
+            for start in range(program * BLOCK, size, programs * BLOCK):
+                offs = start + tl.arange(0, BLOCK).to(tl.int64)
+                mask = offs < size
+                value = tl.load(ptr + offs, mask=mask).to(tl.int64)
+                low = tl.where(mask, tl.minimum(low, value), low)
+                high = tl.where(mask, tl.maximum(high, value), high)
+            tl.store(out + 2 * t, tl.min(low, axis=0))
+            tl.store(out + 2 * t + 1, tl.max(high, axis=0))
+
+
+def index_bounds(first: torch.Tensor, second: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """[(min, max)] of each (non-empty) integer tensor given, in one launch and one host read.
+    Where a GPU would spend a reduction kernel and two synchronisations per tensor on
+    ``torch.aminmax``, the checks of positives and negatives together cost one of each."""
+    config = launch_config("bounds")
+    programs = config.pop("PROGRAMS")
+    out = torch.empty((programs, 2, 2), dtype=torch.int64, device=first.device)
+    tensors = [first.reshape(-1)] + ([] if second is None else [second.reshape(-1)])
+    sizes = [t.numel() for t in tensors] + [0]
+    _index_bounds_kernel[(programs,)](tensors[0], sizes[0], second if second is None else tensors[1], sizes[1], out,
+                                      **config)
+    per_program = out.tolist()
+    return [(min(p[t][0] for p in per_program), max(p[t][1] for p in per_program)) for t in range(len(tensors))]
 
 
 @triton.jit
@@ -345,9 +496,9 @@ def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int,
 
 @triton.jit
 def lower_bound(sorted_ptr, length, values, steps):
-    """For each of ``values`` (a tensor of int64), the first position t in [0, length) of the
-    ascending table at sorted_ptr with sorted[t] >= value, or length: a binary search of ``steps``
-    >= log2(length + 1) halvings."""
+    """For each of ``values`` (an int64 tensor), the first position t in [0, length) of the ascending
+    integer table at sorted_ptr with sorted[t] >= value, or length: a binary search of ``steps`` >=
+    log2(length + 1) halvings."""
     low = tl.zeros(values.shape, tl.int64)
     high = low + length
     for _ in range(0, steps):
@@ -368,7 +519,7 @@ def _sum_rows_by_sorted_index_kernel(
     without GATHER), added in the order of t, for this program's targets n and width block.
 
     rows_ptr: (num_rows, width) float32; order_ptr: (num_rows,) int64, a permutation;
-    sorted_index_ptr: (num_rows,) int64 ascending (values outside [0, num_targets) are never
+    sorted_index_ptr: (num_rows,) int32 or int64 ascending (values outside [0, num_targets) are never
     read); out_ptr: (num_targets, width) in the gradient's dtype, 0 for a target no index names.
     """
     targets = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -394,7 +545,7 @@ def sum_rows_by_sorted_index(rows: torch.Tensor, sorted_index: torch.Tensor, ord
     """out (num_targets, *row_shape) in ``dtype``: out[n] = sum of rows[order[t]] over the t with
     sorted_index[t] == n, in the order of t (deterministic), 0 where no index is n; ``order=None``
     when the rows are already in sorted order. rows (R, *row_shape) float32 contiguous,
-    sorted_index (R,) int64 ascending (e.g. ``torch.sort(index, stable=True)``), order (R,) int64.
+    sorted_index (R,) int32 or int64 ascending (``torch.sort(index, stable=True)``), order (R,) int64.
     One launch; each target binary-searches its run of positions, so R may be large (sampled
     occurrences) where ``sum_rows_by_index`` would compare every pair."""
     width = rows[0].numel()

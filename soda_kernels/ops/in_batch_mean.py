@@ -1,454 +1,577 @@
-"""Fused in-batch distributional BPR (``negatives=None``): the B x B score matrix streamed like attention.
+"""In-batch distributional BPR against the batch's mean user ("mean"): O(B L K) work and memory, in
+kernels from end to end.
 
-Per row b, Q_b = the user's code distributions and P_b = those of its positive item pos[b]
-(both (L, K)). Over the concatenated (layer, code) axis of F = L K (2 L K when symmetric)
-features the score matrix S[b, m] = s(b, pos[m]) is one matrix product plus row/column terms:
+Row b has a user with code distributions Q_b and a positive item pos[b] with P_b (per layer, K
+codes). The rows of the other groups (pos[m] != pos[b]) are its negatives; with c_b of them,
 
-    S = A Bm^T + rb[:, None] + cb[None, :]
-    A[b]  = [w logQ_b, (w Q_b)]      Bm[m] = [P_m, (log P_m)]      (bracketed: symmetric only)
-    rb[b] = (-sum_l w_l Q_b^l . log Q_b^l)    cb[m] = -sum_l w_l P_m^l . log P_m^l
+    M_b = others_b / c_b,   others_b = sum over the other groups' rows m of Q_m       (L, K)
+    ps_b = s(Q_b, P_b),     ms_b = s(M_b, P_b),     term_b = softplus(ms_b - ps_b) if c_b > 0
 
-The operands A, Bm (B, F) are float32 temporaries built from the log-probabilities, never saved:
-backward rebuilds them. With valid(b, m) = m != b and pos[m] != pos[b], the terms of row b are
+with s(Q, P) = -sum_l w_l [KL(P || Q) (+ KL(Q || P))]; log M is taken as log max(others, tiny) -
+log c (the PyTorch backend's clamp). The rows are ranked by (positive, row) -- position p holds row
+order[p] -- so that each group is a run [start_p, end_p) of positions, and
 
-    "items": softplus(S[b, m] - S[b, b])      "users": softplus(S[m, b] - S[b, b])      (valid m)
+    others_p = prefix[start_p - 1] + suffix[end_p]      prefix, suffix: inclusive sums over positions
 
-Each tile of S is computed once per pass and serves both directions: its row sums give the
-"items" terms of its rows, its column sums the "users" terms of its columns. The rows are taken
-in slabs of R rows (a multiple of BLOCK_B, R B <= MAX_SLAB_ELEMENTS unless R = BLOCK_B; R = B / 4
-at B = 4096, so no slab is the whole B x B matrix beyond B = 2048) and every program of a slab
-owns one (BLOCK_B, BLOCK_B) tile. Backward, with
-g_b = dLoss/d(row b's term sum),
+two sums of distributions, so that nothing cancels however uneven the groups (the PyTorch backend's
+prefix and suffix sums over groups, position by position).
 
-    C[b, m]  = g_b sigmoid(S[b, m] - S[b, b]) [items] + g_m sigmoid(S[b, m] - S[m, m]) [users]
-    dS[b, b] = -g_b (sum_m sigmoid(S[b, m] - S[b, b]) [items] + sum_m sigmoid(S[m, b] - S[b, b]) [users])
-    dA = C Bm,  dBm = C^T A,  drb = C 1,  dcb = C^T 1       (valid pairs; the diagonal added after)
+Forward (4 launches). ``_rank_kernel`` ranks each row against the whole batch (an O(B^2) scan of
+integer comparisons, no sort) and writes the run bounds, the permutation and the sorted positives;
+``_prologue_kernel`` writes in sorted order log Q and log P (B, L K) float32 with the positive score
+ps. ``_mean_scores_kernel``
+(one program per chunk of the L K features) forms the prefix and suffix sums of Q over the
+positions, gathers others_p at the run bounds, and sums its chunk's share of ms_p;
+``_finish_kernel`` adds the chunks in order and reduces. Saved for backward: the permutation, the
+sorted positives, the bounds and the two scores: O(B).
 
-a kernel writes a slab's rows of C, an (R, B) float32 transient (at most MAX_SLAB_ELEMENTS, 16 MB;
-never saved), and the two products per slab are float32 ``torch.mm`` (cuBLAS; they follow torch's
-float32 matmul precision setting, full float32 by default). So S costs one B x B x F product per
-pass, backward two more. Cross-program sums go through per-program float32 partial buffers
-(a slab's partials are at most R B / BLOCK_B floats) summed by ``torch.sum``, and slabs are added
-in order: no atomics, deterministic. "mean" has one term per row against the in-batch mean user
-distribution (O(B L K), no pairwise matrix): PyTorch ops on temporaries, recomputed in backward,
-which applies their gradient derived by hand (``_mean_log_prob_grads``; the mean's share reaches
-the users through the forward's group sums again). Gradients then go from the operands to the
-log-probabilities, through log-softmax to the logits, and onto residuals and codebooks with
-``project_logit_grad``; item rows are summed over repeated positives by a sort-based
-``index_put_``, so two backward passes are bit-identical.
+Backward (5 launches). With g_b = dLoss/dterm_b sigmoid(ms_b - ps_b) (0 without a term),
+dLoss/dps = -g, dLoss/dms = g, and multiples of P or Q per (row, layer) dropped where a log-softmax
+backward follows (it removes them), the identities of docs/maths.md section 5 give
+
+    dlogP_b  = g w [P (log M - log Q) + (M - Q)]                 (the P log P terms cancel)
+    dlogQ_b  = -g w [P - (Q (log Q - log P))] + Q_b (.) sum over the other groups' rows of G
+    G_b      = dLoss/dlog M_b / others_b = g w [P - (M (log M - log P))] / others_b
+
+(bracketed: symmetric; G is 0 where others_b was clamped; the -g w M in dLoss/dlog M reaches Q_m as
+w g / c_b, a multiple of Q_m: dropped). ``_prologue_kernel`` runs again over sorted positions;
+``_mean_grads_kernel`` forms others again, then G, and the other groups' sums of G by the same
+prefix and suffix sums; ``_epilogue_kernel`` takes each side through the log-softmax backward
+(dz = dlog - r sum_k dlog) onto its residuals and the codebook (``project_logit_grad_into``), or
+is the user gradient itself for ``user_logits=True``. The item rows come out in sorted order, so
+``sum_rows_by_sorted_index`` sums repeated positives; ``sum_partials`` adds the codebook partials.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .. import torch_backend
-from ._legacy import FP32_DOT_PRECISION, block_size, project_logit_grad
-from .soft_assignment import codebook_log_softmax_forward
+from .common import (
+    LOGIT_PRECISION,
+    feature_weights,
+    launch_config,
+    layer_logits,
+    layer_weight,
+    load_rows,
+    log_sum_exp,
+    project_into_partial,
+    sigmoid,
+    softplus,
+    sum_partials,
+    sum_rows_by_sorted_index,
+)
+from .in_batch_pairs import row_scale
 
-# Largest tile side (rows and columns of S) per program; tests lower it to span several tiles.
-MAX_BLOCK_B = 64
-# Most float32 elements of one row slab of C (16 MB); tests lower it to span several slabs.
-MAX_SLAB_ELEMENTS = 2**22
-
-
-@triton.jit
-def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
-    e = tl.exp(-tl.abs(x))
-    return tl.maximum(x, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-
-
-@triton.jit
-def _sigmoid(x):
-    """1 / (1 + e^-x) from e^-|x|, which never overflows."""
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: where others is clamped
 
 
 @triton.jit
-def _score_tile(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+def _rank_kernel(
+    positives_ptr, order_ptr, sorted_positives_ptr, bounds_ptr, batch,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """This program's tile of S: (row indices, column indices, S tile, valid mask), the tile being
-    rows[i] . cols[j] + row_bias[i] + col_bias[j] for i in row block program_id(0) of the slab
-    starting at slab_start and j in column block program_id(1); valid(i, j) = both in range,
-    j != i and pos[j] != pos[i]."""
-    row = slab_start + tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    col = tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask, col_mask = row < batch, col < batch
-    acc = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
-    for f_start in range(0, num_features, BLOCK_F):
-        offs_f = f_start + tl.arange(0, BLOCK_F)
-        f_mask = offs_f < num_features
-        a = tl.load(rows_ptr + row[:, None] * stride_row + offs_f[None, :],
-                    mask=row_mask[:, None] & f_mask[None, :], other=0.0)
-        b = tl.load(cols_ptr + col[None, :] * stride_row + offs_f[:, None],
-                    mask=f_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    row_bias = tl.load(row_bias_ptr + row, mask=row_mask, other=0.0)
-    col_bias = tl.load(col_bias_ptr + col, mask=col_mask, other=0.0)
-    row_pos = tl.load(pos_ptr + row, mask=row_mask, other=-1)
-    col_pos = tl.load(pos_ptr + col, mask=col_mask, other=-1)
-    valid = (row_mask[:, None] & col_mask[None, :] & (col[None, :] != row[:, None])
-             & (col_pos[None, :] != row_pos[:, None]))
-    return row, col, acc + row_bias[:, None] + col_bias[None, :], valid
+    """A block of rows b ranked by (pos[b], b) against every row, BLOCK_C at a time: the rank p is
+    the row's position. positives_ptr: (B,) int64. Writes order_ptr (B,) int64 <- b and
+    sorted_positives_ptr (B,) int64 <- pos[b] at p, bounds_ptr (2, B) int32 <- the run [start, end)
+    of p's group (the positions of the rows with positive pos[b])."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    positive = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+    rank = tl.zeros((BLOCK_R,), tl.int32)
+    start = tl.zeros((BLOCK_R,), tl.int32)
+    size = tl.zeros((BLOCK_R,), tl.int32)
+    for other_start in range(0, batch, BLOCK_C):
+        others = other_start + tl.arange(0, BLOCK_C)
+        other_mask = others < batch
+        other_positive = tl.load(positives_ptr + others, mask=other_mask, other=0)
+        below = (other_positive[None, :] < positive[:, None]) & other_mask[None, :]
+        same = (other_positive[None, :] == positive[:, None]) & other_mask[None, :]
+        start += tl.sum(below.to(tl.int32), axis=1)
+        size += tl.sum(same.to(tl.int32), axis=1)
+        rank += tl.sum((below | (same & (others[None, :] < rows[:, None]))).to(tl.int32), axis=1)
+    tl.store(order_ptr + rank, rows.to(tl.int64), mask=row_mask)
+    tl.store(sorted_positives_ptr + rank, positive, mask=row_mask)
+    tl.store(bounds_ptr + rank, start, mask=row_mask)
+    tl.store(bounds_ptr + batch + rank, start + size, mask=row_mask)
 
 
 @triton.jit
-def _in_batch_terms_kernel(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr,
-    item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
-    ITEMS: tl.constexpr, USERS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
+def _prologue_kernel(
+    user_ptr, items_ptr, codebooks_ptr, weights_ptr, order_ptr, sorted_positives_ptr,
+    log_q_ptr, log_p_ptr, scores_ptr,
+    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of S, both directions: for the slab's rows i and the columns j of the tile,
+    """Both sides' log-distributions at a block of positions p (rows order[p], items
+    sorted_positives[p]), and the positive score ps there.
 
-        item_partial[j-block, i - slab_start] = sum_(valid j) softplus(S[i, j] - S[i, i])   [ITEMS]
-        user_partial[i-block, j]              = sum_(valid i) softplus(S[i, j] - S[j, j])   [USERS]
-
-    (item_partial (num column blocks, slab_rows), user_partial (slab row blocks, B))."""
-    row, col, scores, valid = _score_tile(
-        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-        BLOCK_B, BLOCK_F, PRECISION,
-    )
-    row_mask, col_mask = row < batch, col < batch
-    if ITEMS:
-        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
-        terms = tl.where(valid, _softplus(scores - row_diag[:, None]), 0.0)
-        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(terms, axis=1),
-                 mask=row_mask)
-    if USERS:
-        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
-        terms = tl.where(valid, _softplus(scores - col_diag[None, :]), 0.0)
-        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(terms, axis=0), mask=col_mask)
-
-
-@triton.jit
-def _in_batch_coeff_kernel(
-    rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, diag_ptr, pos_ptr, scale_ptr,
-    coeff_ptr, item_partial_ptr, user_partial_ptr, slab_start, slab_rows, batch, num_features,
-    ITEMS: tl.constexpr, USERS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One tile of C = dLoss/dS off the diagonal, and the tile's shares of the diagonal:
-
-        coeff[i - slab_start, j] = g_i sigmoid(S[i, j] - S[i, i]) [ITEMS] + g_j sigmoid(S[i, j] - S[j, j]) [USERS]
-        item_partial[j-block, i - slab_start] = sum_(valid j) sigmoid(S[i, j] - S[i, i])       [ITEMS]
-        user_partial[i-block, j]              = sum_(valid i) sigmoid(S[i, j] - S[j, j])       [USERS]
-
-    (valid pairs only, C = 0 elsewhere; coeff (slab_rows, B) row-major)."""
-    row, col, scores, valid = _score_tile(
-        rows_ptr, cols_ptr, stride_row, row_bias_ptr, col_bias_ptr, pos_ptr, slab_start, batch, num_features,
-        BLOCK_B, BLOCK_F, PRECISION,
-    )
-    row_mask, col_mask = row < batch, col < batch
-    coeff = tl.zeros((BLOCK_B, BLOCK_B), dtype=tl.float32)
-    if ITEMS:
-        row_diag = tl.load(diag_ptr + row, mask=row_mask, other=0.0)
-        row_scale = tl.load(scale_ptr + row, mask=row_mask, other=0.0)
-        sigmoids = tl.where(valid, _sigmoid(scores - row_diag[:, None]), 0.0)
-        coeff += row_scale[:, None] * sigmoids
-        tl.store(item_partial_ptr + tl.program_id(1) * slab_rows + (row - slab_start), tl.sum(sigmoids, axis=1),
-                 mask=row_mask)
-    if USERS:
-        col_diag = tl.load(diag_ptr + col, mask=col_mask, other=0.0)
-        col_scale = tl.load(scale_ptr + col, mask=col_mask, other=0.0)
-        sigmoids = tl.where(valid, _sigmoid(scores - col_diag[None, :]), 0.0)
-        coeff += col_scale[None, :] * sigmoids
-        tl.store(user_partial_ptr + tl.program_id(0) * batch + col, tl.sum(sigmoids, axis=0), mask=col_mask)
-    tl.store(coeff_ptr + (row[:, None] - slab_start) * batch + col[None, :], coeff,
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-@dataclass
-class _Operands:
-    """S = rows cols^T + row_bias[:, None] + col_bias[None, :]; diag[b] = S[b, b]. All float32."""
-
-    rows: torch.Tensor  # (B, F)
-    cols: torch.Tensor  # (B, F)
-    row_bias: torch.Tensor  # (B,)
-    col_bias: torch.Tensor  # (B,)
-    diag: torch.Tensor  # (B,)
-
-
-def _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature):
-    """log Q (B, L, K) of the users and log P (B, L, K) of their positive items, float32."""
-    if user_logits:
-        log_q = torch.log_softmax(user.float(), -1)
-    else:
-        log_q = codebook_log_softmax_forward(user, codebooks, user_temperature)
-    log_p = codebook_log_softmax_forward(items[positives], codebooks, temperature)
-    return log_q, log_p
-
-
-def _operands(log_q, log_p, weights, symmetric) -> _Operands:
-    users = torch_backend._Side(log_q, weights)
-    items = torch_backend._Side(log_p, weights)
-    rows, cols = torch_backend._score_operands(users, items, weights, symmetric)
-    row_bias = -users.negative_entropy if symmetric else torch.zeros_like(users.negative_entropy)
-    col_bias = -items.negative_entropy
-    diag = (rows * cols).sum(1) + row_bias + col_bias
-    return _Operands(rows.contiguous(), cols.contiguous(), row_bias, col_bias, diag)
-
-
-def _launch_blocks(batch: int, num_features: int) -> dict:
-    return dict(BLOCK_B=block_size(batch, high=MAX_BLOCK_B), BLOCK_F=block_size(num_features, high=64),
-                PRECISION=FP32_DOT_PRECISION)
-
-
-@dataclass(frozen=True)
-class _Slabs:
-    """The row slabs of S and the launch of one: every slab but the last has ``rows`` rows (a
-    multiple of the tile side, R B <= MAX_SLAB_ELEMENTS where the tile allows)."""
-
-    batch: int
-    rows: int
-    block_b: int
-
-    @classmethod
-    def of(cls, batch: int, block_b: int) -> _Slabs:
-        rows = max(block_b, min(batch, MAX_SLAB_ELEMENTS // batch) // block_b * block_b)
-        return cls(batch, rows, block_b)
-
-    @property
-    def num_col_blocks(self) -> int:
-        return triton.cdiv(self.batch, self.block_b)
-
-    @property
-    def num_row_blocks(self) -> int:
-        return triton.cdiv(self.rows, self.block_b)
-
-    def partials(self, like: torch.Tensor):
-        """The per-program float32 partial sums of one slab: by column block for its rows
-        (num_col_blocks, rows) and by row block for the columns (num_row_blocks, B); zeroed, so
-        the direction a kernel skips (ITEMS or USERS off) sums to 0."""
-        return like.new_zeros((self.num_col_blocks, self.rows)), like.new_zeros((self.num_row_blocks, self.batch))
-
-    def __iter__(self):
-        """(first row, number of rows, launch grid) of each slab, in order."""
-        for start in range(0, self.batch, self.rows):
-            count = min(self.rows, self.batch - start)
-            yield start, count, (triton.cdiv(count, self.block_b), self.num_col_blocks)
-
-
-def _flags(in_batch: str) -> dict:
-    return dict(ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"))
-
-
-def _pair_term_sums(ops: _Operands, positives, in_batch: str) -> torch.Tensor:
-    """Per row b, the sum of its "items" and/or "users" terms, (B,) float32."""
-    batch, num_features = ops.rows.shape
-    blocks = _launch_blocks(batch, num_features)
-    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
-    item_partials, user_partials = slabs.partials(ops.rows)
-    item_terms, user_terms = torch.zeros_like(ops.diag), torch.zeros_like(ops.diag)
-    for start, count, grid in slabs:
-        _in_batch_terms_kernel[grid](
-            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives,
-            item_partials, user_partials, start, slabs.rows, batch, num_features, **_flags(in_batch), **blocks,
-        )
-        item_terms[start:start + count] = item_partials[:, :count].sum(0)
-        user_terms += user_partials[: grid[0]].sum(0)
-    return item_terms + user_terms
-
-
-def _pair_operand_grads(ops: _Operands, positives, scale, in_batch: str):
-    """dLoss/d(rows, cols, row_bias, col_bias) for dLoss/d(term sum of row b) = scale[b]."""
-    batch, num_features = ops.rows.shape
-    blocks = _launch_blocks(batch, num_features)
-    slabs = _Slabs.of(batch, blocks["BLOCK_B"])
-    item_partials, user_partials = slabs.partials(ops.rows)
-    coeff = ops.rows.new_empty((slabs.rows, batch))
-    grad_rows, grad_cols = torch.empty_like(ops.rows), torch.zeros_like(ops.cols)
-    grad_row_bias, grad_col_bias = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
-    item_sigmoids, user_sigmoids = torch.empty_like(ops.diag), torch.zeros_like(ops.diag)
-    for start, count, grid in slabs:
-        _in_batch_coeff_kernel[grid](
-            ops.rows, ops.cols, ops.rows.stride(0), ops.row_bias, ops.col_bias, ops.diag, positives, scale,
-            coeff, item_partials, user_partials, start, slabs.rows, batch, num_features,
-            **_flags(in_batch), **blocks,
-        )
-        slab, rows = coeff[:count], slice(start, start + count)
-        grad_rows[rows] = slab @ ops.cols
-        grad_cols.addmm_(slab.T, ops.rows[rows])
-        grad_row_bias[rows] = slab.sum(1)
-        grad_col_bias += slab.sum(0)
-        item_sigmoids[rows] = item_partials[:, :count].sum(0)
-        user_sigmoids += user_partials[: grid[0]].sum(0)
-    grads = _diag_grads(ops, -scale * (item_sigmoids + user_sigmoids))
-    return tuple(off + on for off, on in zip((grad_rows, grad_cols, grad_row_bias, grad_col_bias), grads, strict=True))
-
-
-def _diag_grads(ops: _Operands, grad_diag):
-    """dLoss/d(rows, cols, row_bias, col_bias) through the diagonal alone, for dLoss/dS[b, b] = grad_diag[b]."""
-    return grad_diag[:, None] * ops.cols, grad_diag[:, None] * ops.rows, grad_diag, grad_diag
-
-
-def _log_prob_grads(grads, log_q, log_p, weights, symmetric):
-    """dLoss/dlogQ and dLoss/dlogP (each (B, L, K), Q = exp logQ, P = exp logP) from the operand
-    gradients, up to a multiple of p per (row, layer), which the log-softmax backward removes:
-    d(-p log p)/dlog p = -p (log p + 1) enters as -p log p (the nearly cancelling -p dropped)."""
-    grad_rows, grad_cols, grad_row_bias, grad_col_bias = grads
-    shape, w = log_q.shape, weights[:, None]
-    q, p = log_q.exp(), log_p.exp()
-    grad_log_q = w * grad_rows[:, : shape[1] * shape[2]].view(shape)
-    grad_log_p = p * grad_cols[:, : shape[1] * shape[2]].view(shape)
-    grad_log_p = grad_log_p - w * p * log_p * grad_col_bias[:, None, None]
-    if symmetric:
-        grad_log_q = grad_log_q + w * q * grad_rows[:, shape[1] * shape[2]:].view(shape)
-        grad_log_q = grad_log_q - w * q * log_q * grad_row_bias[:, None, None]
-        grad_log_p = grad_log_p + grad_cols[:, shape[1] * shape[2]:].view(shape)
-    return grad_log_q, grad_log_p
-
-
-@dataclass
-class _MeanScores:
-    """"mean" per row b: the positive score ps_b = s(Q_b, P_b) and the mean score ms_b = s(M_b, P_b)
-    as the diagonals of their operands, M_b = others_b / count_b the mean of Q_m over the rows m
-    whose positive differs (log M_b clamped like ``torch_backend.log_mean``), and
-    term_b = softplus(ms_b - ps_b) h_b, h_b = 1 where count_b > 0 (else no term)."""
-
-    positive: _Operands
-    mean: _Operands
-    log_mean: torch.Tensor  # (B, L, K)
-    others: torch.Tensor  # (B, L, K) sum of Q_m over the rows m of the other groups
-    group_of_row: torch.Tensor  # (B,)
-    has_term: torch.Tensor  # (B,) h_b, float32
-
-    @classmethod
-    def of(cls, log_q, log_p, positives, weights, symmetric) -> _MeanScores:
-        group_of_row, count = torch_backend.group_rows(positives)
-        others = torch_backend.sum_over_other_groups(log_q.exp(), group_of_row)
-        log_mean = torch_backend.log_mean(others, count)
-        return cls(_operands(log_q, log_p, weights, symmetric), _operands(log_mean, log_p, weights, symmetric),
-                   log_mean, others, group_of_row, (count > 0).float())
-
-    @property
-    def terms(self) -> torch.Tensor:
-        return F.softplus(self.mean.diag - self.positive.diag) * self.has_term
-
-
-def _mean_log_prob_grads(scores: _MeanScores, log_q, log_p, scale, weights, symmetric):
-    """dLoss/dlogQ and dLoss/dlogP of "mean" for dLoss/d(term_b) = scale[b], up to multiples of
-    Q and P per (row, layer) like ``_log_prob_grads``. With g_b = scale_b h_b sigmoid(ms_b - ps_b),
-    ps takes -g_b and ms takes g_b: G_b = g_b ds(M_b, P_b)/dlogM_b reaches, through
-    log M_b = log others_b - log count_b, the Q_m of every row m of another group,
-
-        dLoss/dlogQ_m += Q_m sum_(b: pos_b != pos_m) G_b / others_b     (0 where others_b was clamped)
-
-    the sum over the other groups like the forward's. The -g_b w M_b that ``_log_prob_grads``
-    drops from G_b reaches Q_m as a multiple of Q_m (M_b / others_b = 1 / count_b): dropped too.
+    user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
+    codebooks_ptr: (L, K, d); weights_ptr: (L,) float32 or None (all ones); order_ptr, sorted_positives_ptr: (B,)
+    int64 from ``_rank_kernel``. Writes log_q_ptr, log_p_ptr: (B, L K) float32 by position and
+    scores_ptr[0] (2, B) float32.
     """
-    grad_terms = scale * scores.has_term * torch.sigmoid(scores.mean.diag - scores.positive.diag)
-    grad_log_q, grad_log_p = _log_prob_grads(_diag_grads(scores.positive, -grad_terms), log_q, log_p, weights,
-                                             symmetric)
-    grad_log_mean, grad_log_p_mean = _log_prob_grads(_diag_grads(scores.mean, grad_terms), scores.log_mean, log_p,
-                                                     weights, symmetric)
-    tiny = torch.finfo(scores.others.dtype).tiny
-    grad_others = torch.where(scores.others >= tiny, grad_log_mean / scores.others.clamp_min(tiny), 0.0)
-    grad_log_q = grad_log_q + log_q.exp() * torch_backend.sum_over_other_groups(grad_others, scores.group_of_row)
-    return grad_log_q, grad_log_p + grad_log_p_mean
+    positions = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = positions < batch
+    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+    positive = tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0)
+    user_width = num_codes if USER_LOGITS else dim
+    num_features = num_layers * num_codes
+    score = tl.zeros((BLOCK_R,), tl.float32)
+    for layer in range(0, num_layers):
+        user_layer = user_ptr + layer * user_width
+        item_layer = items_ptr + layer * dim
+        codebook = codebooks_ptr + layer * num_codes * dim
+        lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
+                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_p = log_sum_exp(item_layer, num_layers * dim, positive, row_mask, codebook, num_codes, dim,
+                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        divergence = tl.zeros((BLOCK_R,), tl.float32)
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            tile_mask = row_mask[:, None] & code_mask[None, :]
+            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
+                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            a = layer_logits(item_layer, num_layers * dim, positive, row_mask, codebook, codes, code_mask, dim,
+                             inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_q = tl.where(tile_mask, z - lse_q[:, None], 0.0)
+            log_p = tl.where(tile_mask, a - lse_p[:, None], 0.0)
+            feature = positions[:, None] * num_features + layer * num_codes + codes[None, :]
+            tl.store(log_q_ptr + feature, log_q, mask=tile_mask)
+            tl.store(log_p_ptr + feature, log_p, mask=tile_mask)
+            divergence += tl.sum(tl.where(tile_mask, tl.exp(log_p), 0.0) * (log_p - log_q), axis=1)
+            if SYMMETRIC:
+                divergence += tl.sum(tl.where(tile_mask, tl.exp(log_q), 0.0) * (log_q - log_p), axis=1)
+        score -= layer_weight(weights_ptr, layer) * divergence
+    tl.store(scores_ptr + positions, score, mask=row_mask)
 
 
-def _row_scales(grad_output, row_counts, reduction):
-    """dLoss/d(term sum of row b), (B,) float32."""
-    grad_output = grad_output.float()
-    if reduction == "none":
-        return grad_output / row_counts.clamp_min(1)
-    if reduction == "mean":
-        grad_output = grad_output / row_counts.sum().clamp_min(1)
-    return grad_output.expand(row_counts.shape).contiguous()
+@triton.jit
+def _load_terms(ptr, mask, FROM_LOG: tl.constexpr):
+    """A tile of the summed values: the floats at ptr, or their exp when FROM_LOG; 0 where masked."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if FROM_LOG:
+        x = tl.where(mask, tl.exp(x), 0.0)
+    return x
 
 
-def _log_softmax_backward(log_probs, grad_log_probs):
-    return grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
+@triton.jit
+def _other_groups(
+    src_ptr, out_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch, num_features,
+    FROM_LOG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """out[p, f] = sum of x[p', f] over the positions p' outside p's run, for this program's features
+    (BLOCK_F,): x = src (or exp(src) when FROM_LOG), all (B, F) float32 row-major; prefix_ptr and
+    suffix_ptr (B, F) scratch for the inclusive prefix and suffix sums over the positions; bounds_ptr
+    (2, B) int32 the runs. out may be src itself (it is read in the first two passes only)."""
+    carry = tl.zeros((BLOCK_F,), tl.float32)
+    for start in range(0, batch, BLOCK_R):  # inclusive prefix sums, first block first
+        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        tile = positions[:, None] * num_features + features[None, :]
+        mask = (positions < batch)[:, None] & feature_mask[None, :]
+        x = _load_terms(src_ptr + tile, mask, FROM_LOG)
+        tl.store(prefix_ptr + tile, carry[None, :] + tl.cumsum(x, axis=0), mask=mask)
+        carry += tl.sum(x, axis=0)
+    carry = tl.zeros((BLOCK_F,), tl.float32)
+    num_blocks = tl.cdiv(batch, BLOCK_R)
+    for step in range(0, num_blocks):  # inclusive suffix sums, last block first
+        positions = ((num_blocks - 1 - step) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        tile = positions[:, None] * num_features + features[None, :]
+        mask = (positions < batch)[:, None] & feature_mask[None, :]
+        x = _load_terms(src_ptr + tile, mask, FROM_LOG)
+        tl.store(suffix_ptr + tile, carry[None, :] + tl.cumsum(x, axis=0, reverse=True), mask=mask)
+        carry += tl.sum(x, axis=0)
+    tl.debug_barrier()  # the gathers below read sums that other threads stored
+    for start in range(0, batch, BLOCK_R):
+        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_mask = positions < batch
+        mask = row_mask[:, None] & feature_mask[None, :]
+        run_start = tl.load(bounds_ptr + positions, mask=row_mask, other=0).to(tl.int64)
+        run_end = tl.load(bounds_ptr + batch + positions, mask=row_mask, other=0).to(tl.int64)
+        before = tl.load(prefix_ptr + (run_start - 1)[:, None] * num_features + features[None, :],
+                         mask=mask & (run_start > 0)[:, None], other=0.0)
+        after = tl.load(suffix_ptr + run_end[:, None] * num_features + features[None, :],
+                        mask=mask & (run_end < batch)[:, None], other=0.0)
+        tl.store(out_ptr + positions[:, None] * num_features + features[None, :], before + after, mask=mask)
 
 
-@torch.library.custom_op("soda_kernels::in_batch_bpr", mutates_args=())
-def in_batch_bpr_op(
-    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor,
-    in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the reduced loss, the number of terms of each row (B,) float32, kept for backward)."""
-    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
-    if in_batch == "mean":
-        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
-        row_sums, row_counts = scores.terms, scores.has_term
+@triton.jit
+def _mean_distribution(others, run_start, run_end, batch):
+    """(M, log M) of a tile of others (BLOCK_R, BLOCK_F) for runs (BLOCK_R,): others / c and
+    log max(others, tiny) - log c, c = max(B - run size, 1)."""
+    count = tl.maximum((batch - (run_end - run_start)).to(tl.float32), 1.0)[:, None]
+    return others / count, tl.log(tl.maximum(others, TINY)) - tl.log(count)
+
+
+@triton.jit
+def _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr, total_ptr, positions, mask, batch,
+                   REDUCTION: tl.constexpr):
+    """g = dLoss/dterm sigmoid(ms - ps) at positions (BLOCK_R,), 0 without a term, and the runs."""
+    run_start = tl.load(bounds_ptr + positions, mask=mask, other=0)
+    run_end = tl.load(bounds_ptr + batch + positions, mask=mask, other=0)
+    rows = tl.load(order_ptr + positions, mask=mask, other=0)
+    margin = tl.load(scores_ptr + batch + positions, mask=mask, other=0.0) - tl.load(scores_ptr + positions,
+                                                                                   mask=mask, other=0.0)
+    scale = row_scale(grad_ptr, counts_ptr, total_ptr, rows, mask, REDUCTION)
+    return tl.where(run_end - run_start < batch, scale * sigmoid(margin), 0.0), run_start, run_end
+
+
+@triton.jit
+def _mean_scores_kernel(
+    log_q_ptr, log_p_ptr, prefix_ptr, suffix_ptr, bounds_ptr, weights_ptr, part_ptr,
+    batch, num_codes, num_features,
+    SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One chunk of BLOCK_F of the L K features: others (over log_q_ptr, which it overwrites), then
+    part_ptr[chunk] (chunks, B) <- sum over the chunk of w [P (log P - log M) (+ M (log M - log P))].
+    log_q_ptr, log_p_ptr: (B, L K) float32 by position; prefix_ptr, suffix_ptr: (B, L K) scratch;
+    bounds_ptr: (2, B) int32; weights_ptr: (L,) float32 or None (all ones)."""
+    features = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    feature_mask = features < num_features
+    weight = feature_weights(weights_ptr, features, num_codes, feature_mask)
+    _other_groups(log_q_ptr, log_q_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
+                  num_features, True, BLOCK_R, BLOCK_F)
+    tl.debug_barrier()
+    for start in range(0, batch, BLOCK_R):
+        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_mask = positions < batch
+        mask = row_mask[:, None] & feature_mask[None, :]
+        tile = positions[:, None] * num_features + features[None, :]
+        run_start = tl.load(bounds_ptr + positions, mask=row_mask, other=0)
+        run_end = tl.load(bounds_ptr + batch + positions, mask=row_mask, other=0)
+        mean, log_mean = _mean_distribution(tl.load(log_q_ptr + tile, mask=mask, other=0.0), run_start, run_end,
+                                            batch)
+        log_p = tl.load(log_p_ptr + tile, mask=mask, other=0.0)
+        term = tl.exp(log_p) * (log_p - log_mean)
+        if SYMMETRIC:
+            term += mean * (log_mean - log_p)
+        tl.store(part_ptr + tl.program_id(0) * batch + positions,
+                 tl.sum(tl.where(mask, weight[None, :] * term, 0.0), axis=1), mask=row_mask)
+
+
+@triton.jit
+def _finish_kernel(
+    part_ptr, scores_ptr, bounds_ptr, order_ptr, loss_ptr, counts_ptr, total_ptr, batch, num_chunks,
+    REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: ms = -(the chunks' parts (chunks, B) added in order) -> scores_ptr[1] (2, B);
+    the terms softplus(ms - ps) of the positions with negatives; counts_ptr (B,) <- 1 or 0 per row,
+    total_ptr () <- their sum, loss_ptr () <- the mean or the sum of the terms, or (B,) per row."""
+    term_sum = tl.zeros((BLOCK,), tl.float32)
+    count_sum = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, batch, BLOCK):
+        positions = start + tl.arange(0, BLOCK)
+        mask = positions < batch
+        mean_score = tl.zeros((BLOCK,), tl.float32)
+        for chunk in range(0, num_chunks):
+            mean_score -= tl.load(part_ptr + chunk * batch + positions, mask=mask, other=0.0)
+        tl.store(scores_ptr + batch + positions, mean_score, mask=mask)
+        run_size = (tl.load(bounds_ptr + batch + positions, mask=mask, other=0)
+                    - tl.load(bounds_ptr + positions, mask=mask, other=0))
+        has_term = (mask & (run_size < batch)).to(tl.float32)
+        term = has_term * softplus(mean_score - tl.load(scores_ptr + positions, mask=mask, other=0.0))
+        rows = tl.load(order_ptr + positions, mask=mask, other=0)
+        tl.store(counts_ptr + rows, has_term, mask=mask)
+        if REDUCTION == "none":
+            tl.store(loss_ptr + rows, term, mask=mask)
+        term_sum += term
+        count_sum += has_term
+    total = tl.sum(count_sum, axis=0)
+    tl.store(total_ptr, total)
+    if REDUCTION == "mean":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
+    if REDUCTION == "sum":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0))
+
+
+@triton.jit
+def _mean_grads_kernel(
+    log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, prefix_ptr, suffix_ptr, bounds_ptr, order_ptr, weights_ptr,
+    scores_ptr, grad_ptr, counts_ptr, total_ptr, batch, num_codes, num_features,
+    SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """One chunk of BLOCK_F features: others_ptr (B, L K) <- others; then G, and group_grad_ptr
+    (B, L K) <- the other groups' sums of G at each position (the module docstring). Inputs as
+    ``_mean_scores_kernel``, and the saved scores (2, B), order (B,), counts (B,) and total ();
+    grad_ptr: () or, for "none", (B,) float32 dLoss/dloss."""
+    features = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    feature_mask = features < num_features
+    weight = feature_weights(weights_ptr, features, num_codes, feature_mask)
+    _other_groups(log_q_ptr, others_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
+                  num_features, True, BLOCK_R, BLOCK_F)
+    tl.debug_barrier()
+    for start in range(0, batch, BLOCK_R):
+        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_mask = positions < batch
+        mask = row_mask[:, None] & feature_mask[None, :]
+        tile = positions[:, None] * num_features + features[None, :]
+        row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
+                                                      total_ptr, positions, row_mask, batch, REDUCTION)
+        others = tl.load(others_ptr + tile, mask=mask, other=0.0)
+        mean, log_mean = _mean_distribution(others, run_start, run_end, batch)
+        log_p = tl.load(log_p_ptr + tile, mask=mask, other=0.0)
+        grad_log_mean = tl.exp(log_p)
+        if SYMMETRIC:
+            grad_log_mean -= mean * (log_mean - log_p)
+        grad_log_mean *= row_grad[:, None] * weight[None, :]
+        tl.store(group_grad_ptr + tile, tl.where(others >= TINY, grad_log_mean / tl.maximum(others, TINY), 0.0),
+                 mask=mask)
+    tl.debug_barrier()
+    _other_groups(group_grad_ptr, group_grad_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
+                  num_features, False, BLOCK_R, BLOCK_F)
+
+
+@triton.jit
+def _epilogue_side(
+    src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight, layer,
+    log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr, out_rows, first_block,
+    batch, num_layers, num_codes, dim, inv_temperature,
+    IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One side, layer and block of positions: dlog (module docstring) -> dz = dlog - r sum_k dlog,
+    written as it is (FROM_LOGITS) or projected: grad_out_ptr's rows out_rows (R, L, d) <- dz C
+    (times 2 / tau) and the partial part (K, d) float32 += dz^T x - (sum dz) C (set at
+    ``first_block``). src_ptr: the side's residuals (R, L, d), read at rows src_rows."""
+    num_features = num_layers * num_codes
+    offs_d = tl.arange(0, BLOCK_DIM)
+    d_mask = offs_d < dim
+    if not FROM_LOGITS:
+        x = load_rows(src_ptr + layer * dim, num_layers * dim, src_rows, row_mask, dim, BLOCK_DIM)
+    grad_log_sum = tl.zeros((BLOCK_R,), tl.float32)
+    grad_x = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
+    for step in range(0, 2):  # 0: sum_k dlog; 1: dz = dlog - r sum_k dlog, projected
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            tile_mask = row_mask[:, None] & code_mask[None, :]
+            tile = positions[:, None] * num_features + layer * num_codes + codes[None, :]
+            log_q = tl.load(log_q_ptr + tile, mask=tile_mask, other=0.0)
+            log_p = tl.load(log_p_ptr + tile, mask=tile_mask, other=0.0)
+            q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+            p = tl.where(tile_mask, tl.exp(log_p), 0.0)
+            if IS_USER:
+                grad_log = -p
+                if SYMMETRIC:
+                    grad_log += q * (log_q - log_p)
+                grad_log = weight * row_grad[:, None] * grad_log
+                grad_log += q * tl.load(group_grad_ptr + tile, mask=tile_mask, other=0.0)
+                r = q
+            else:
+                mean, log_mean = _mean_distribution(tl.load(others_ptr + tile, mask=tile_mask, other=0.0),
+                                                    run_start, run_end, batch)
+                grad_log = p * (log_mean - log_q)
+                if SYMMETRIC:
+                    grad_log += mean - q
+                grad_log = weight * row_grad[:, None] * grad_log
+                r = p
+            grad_log = tl.where(tile_mask, grad_log, 0.0)
+            if step == 0:
+                grad_log_sum += tl.sum(grad_log, axis=1)
+            else:
+                grad_logits = tl.where(tile_mask, grad_log - r * grad_log_sum[:, None], 0.0)
+                if FROM_LOGITS:
+                    out = grad_out_ptr + out_rows[:, None] * num_features + layer * num_codes + codes[None, :]
+                    tl.store(out, grad_logits.to(grad_out_ptr.dtype.element_ty), mask=tile_mask)
+                else:
+                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
+                    grad_x = project_into_partial(2.0 * inv_temperature * grad_logits, x, c, grad_x, part, codes,
+                                                  code_mask, dim, first_block, PRECISION)
+    if not FROM_LOGITS:
+        out = grad_out_ptr + out_rows[:, None] * num_layers * dim + layer * dim + offs_d[None, :]
+        tl.store(out, grad_x.to(grad_out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _epilogue_kernel(
+    user_ptr, items_ptr, codebooks_ptr, weights_ptr, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr,
+    bounds_ptr, order_ptr, sorted_positives_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr,
+    grad_user_ptr, item_row_grad_ptr, codebook_part_ptr,
+    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (programs, L, 2 sides: 0 users, 1 items); a program takes the blocks of positions
+    program_id(0), + programs, ... through ``_epilogue_side``, its codebook partial summed over them.
+
+    Inputs as the other kernels write them. Writes grad_user_ptr: (B, L, d) in the user's dtype, or
+    dz (B, L, K) for USER_LOGITS; item_row_grad_ptr: (B, L, d) float32 by position (the gradient of
+    the positive at each position); codebook_part_ptr: (programs, sides with residuals, L, K, d)
+    float32.
+    """
+    program, layer = tl.program_id(0), tl.program_id(1)
+    sides = 1 if USER_LOGITS else 2
+    if tl.program_id(2) == 0:
+        part = codebook_part_ptr + (program * sides * num_layers + layer) * num_codes * dim
+        _epilogue_blocks(user_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
+                         others_ptr, group_grad_ptr, bounds_ptr, order_ptr, order_ptr, scores_ptr, grad_ptr,
+                         counts_ptr, total_ptr, grad_user_ptr, batch, num_layers, num_codes, dim,
+                         inv_user_temperature, True, USER_LOGITS, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K, BLOCK_DIM,
+                         PRECISION)
     else:
-        ops = _operands(log_q, log_p, weights, symmetric)
-        row_sums = _pair_term_sums(ops, positives, in_batch)
-        row_counts = torch_backend.group_rows(positives)[1].float() * (2 if in_batch == "both" else 1)
-    return torch_backend.reduce_terms(row_sums, row_counts, reduction), row_counts
+        part = codebook_part_ptr + ((program * sides + sides - 1) * num_layers + layer) * num_codes * dim
+        _epilogue_blocks(items_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
+                         others_ptr, group_grad_ptr, bounds_ptr, order_ptr, sorted_positives_ptr, scores_ptr,
+                         grad_ptr, counts_ptr, total_ptr, item_row_grad_ptr, batch, num_layers, num_codes, dim,
+                         inv_temperature, False, False, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K, BLOCK_DIM, PRECISION)
 
 
-@in_batch_bpr_op.register_fake
-def _(user, items, codebooks, positives, weights, in_batch, user_logits, symmetric, temperature,
-      user_temperature, reduction):
-    loss_shape = positives.shape if reduction == "none" else ()
-    return user.new_empty(loss_shape, dtype=torch.float32), user.new_empty(positives.shape, dtype=torch.float32)
+@triton.jit
+def _epilogue_blocks(
+    src_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr,
+    bounds_ptr, order_ptr, src_rows_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr, grad_out_ptr,
+    batch, num_layers, num_codes, dim, inv_temperature,
+    IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One side: the blocks of positions program, + programs, ... through ``_epilogue_side``; the
+    side's rows of src_ptr are src_rows_ptr[position] (the permutation for the users, the sorted
+    positives for the items), its gradient rows those (users) or the positions (items)."""
+    weight = layer_weight(weights_ptr, layer)
+    codebook = codebooks_ptr + layer * num_codes * dim
+    for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
+        positions = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_mask = positions < batch
+        row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
+                                                      total_ptr, positions, row_mask, batch, REDUCTION)
+        src_rows = tl.load(src_rows_ptr + positions, mask=row_mask, other=0)
+        _epilogue_side(src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight,
+                       layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr,
+                       src_rows if IS_USER else positions, block == program, batch, num_layers, num_codes, dim,
+                       inv_temperature, IS_USER, FROM_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_DIM, PRECISION)
+        tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
 
 
-@torch.library.custom_op("soda_kernels::in_batch_bpr_backward", mutates_args=())
-def in_batch_bpr_backward(
+def _rank(positives):
+    """(order, sorted positives, bounds) of ``_rank_kernel``."""
+    batch = positives.shape[0]
+    order, sorted_positives = torch.empty_like(positives), torch.empty_like(positives)
+    bounds = positives.new_empty((2, batch), dtype=torch.int32)
+    config = launch_config("rank")
+    _rank_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](positives, order, sorted_positives, bounds, batch,
+                                                           **config)
+    return order, sorted_positives, bounds
+
+
+def _prologue(user, items, codebooks, weights, order, sorted_positives, user_logits, symmetric, temperature,
+              user_temperature):
+    """Run the prologue: (log Q, log P, scores) by position, ps in scores[0]."""
+    batch = order.shape[0]
+    num_layers, num_codes, dim = codebooks.shape
+    log_q = items.new_empty((batch, num_layers * num_codes), dtype=torch.float32)
+    log_p = torch.empty_like(log_q)
+    scores = log_q.new_empty((2, batch))
+    config = launch_config("mean_logits", codes=num_codes, dim=dim,
+                           wide=torch.float32 in (items.dtype, codebooks.dtype))
+    _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
+        user, items, codebooks, weights, order, sorted_positives, log_q, log_p, scores,
+        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
+    )
+    return log_q, log_p, scores
+
+
+@torch.library.custom_op("soda_kernels::in_batch_mean", mutates_args=())
+def in_batch_mean_op(
+    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor,
+    weights: torch.Tensor | None,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the reduced loss, and for backward: order (B,), sorted positives (B,), bounds (2, B) int32,
+    scores (2, B) (ps, ms by position), counts (B,) and total (); the counts 0 or 1 per row)."""
+    order, sorted_positives, bounds = _rank(positives)
+    log_q, log_p, scores = _prologue(user, items, codebooks, weights, order, sorted_positives, user_logits,
+                                     symmetric, temperature, user_temperature)
+    batch, num_features = log_q.shape
+    config = launch_config("groups")
+    chunks = triton.cdiv(num_features, config["BLOCK_F"])
+    part = log_q.new_empty((chunks, batch))
+    _mean_scores_kernel[(chunks,)](
+        log_q, log_p, torch.empty_like(log_q), torch.empty_like(log_q), bounds, weights, part,
+        batch, codebooks.shape[1], num_features, SYMMETRIC=symmetric, **config,
+    )
+    loss = log_q.new_empty(positives.shape if reduction == "none" else ())
+    counts, total = log_q.new_empty((batch,)), log_q.new_empty(())
+    _finish_kernel[(1,)](part, scores, bounds, order, loss, counts, total, batch, chunks, REDUCTION=reduction,
+                         **launch_config("reduce"))
+    return loss, order, sorted_positives, bounds, scores, counts, total
+
+
+@in_batch_mean_op.register_fake
+def _(user, items, codebooks, positives, weights, user_logits, symmetric, temperature, user_temperature, reduction):
+    batch = positives.shape[0]
+    floats = dict(dtype=torch.float32)
+    return (user.new_empty(positives.shape if reduction == "none" else (), **floats), torch.empty_like(positives),
+            torch.empty_like(positives), positives.new_empty((2, batch), dtype=torch.int32),
+            user.new_empty((2, batch), **floats), user.new_empty((batch,), **floats), user.new_empty((), **floats))
+
+
+@torch.library.custom_op("soda_kernels::in_batch_mean_backward", mutates_args=())
+def in_batch_mean_backward(
     grad_output: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
-    positives: torch.Tensor, weights: torch.Tensor, row_counts: torch.Tensor,
-    in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
+    positives: torch.Tensor, weights: torch.Tensor | None, order: torch.Tensor, sorted_positives: torch.Tensor,
+    bounds: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor, total: torch.Tensor,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = _row_scales(grad_output, row_counts, reduction)
-    log_q, log_p = _log_probs(user, items, codebooks, positives, user_logits, temperature, user_temperature)
-    if in_batch == "mean":
-        scores = _MeanScores.of(log_q, log_p, positives, weights, symmetric)
-        grad_log_q, grad_log_p = _mean_log_prob_grads(scores, log_q, log_p, scale, weights, symmetric)
-    else:
-        ops = _operands(log_q, log_p, weights, symmetric)
-        grads = _pair_operand_grads(ops, positives, scale, in_batch)
-        grad_log_q, grad_log_p = _log_prob_grads(grads, log_q, log_p, weights, symmetric)
-    grad_user_logits = _log_softmax_backward(log_q, grad_log_q)
-    grad_item_logits = _log_softmax_backward(log_p, grad_log_p)
-    grad_rows, grad_codebooks = project_logit_grad(grad_item_logits, items[positives], codebooks, temperature)
-    grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-    grad_items.index_put_((positives,), grad_rows, accumulate=True)
-    if user_logits:
-        grad_user = grad_user_logits
-    else:
-        grad_user, grad_codebooks_users = project_logit_grad(grad_user_logits, user, codebooks, user_temperature)
-        grad_codebooks = grad_codebooks + grad_codebooks_users
-    return grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype)
+    log_q, log_p, _ = _prologue(user, items, codebooks, weights, order, sorted_positives, user_logits, symmetric,
+                                temperature, user_temperature)
+    batch, num_features = log_q.shape
+    num_layers, num_codes, dim = codebooks.shape
+    grad_output = grad_output.float().contiguous()
+    groups = launch_config("groups")
+    others, group_grad = torch.empty_like(log_q), torch.empty_like(log_q)
+    _mean_grads_kernel[(triton.cdiv(num_features, groups["BLOCK_F"]),)](
+        log_q, log_p, others, group_grad, torch.empty_like(log_q), torch.empty_like(log_q), bounds, order, weights,
+        scores, grad_output, counts, total, batch, num_codes, num_features,
+        SYMMETRIC=symmetric, REDUCTION=reduction, **groups,
+    )
+    rows = launch_config("mean_grads", codes=num_codes, dim=dim, wide=torch.float32 in (items.dtype, codebooks.dtype))
+    grad_user = torch.empty_like(user)
+    item_row_grad = items.new_empty((batch, num_layers, dim), dtype=torch.float32)
+    programs = min(rows.pop("PROGRAMS"), triton.cdiv(batch, rows["BLOCK_R"]))  # each with a block at least
+    codebook_part = codebooks.new_empty((programs, 1 if user_logits else 2, num_layers, num_codes, dim),
+                                        dtype=torch.float32)
+    _epilogue_kernel[(programs, num_layers, 2)](
+        user, items, codebooks, weights, log_q, log_p, others, group_grad, bounds, order, sorted_positives, scores,
+        grad_output, counts, total, grad_user, item_row_grad, codebook_part,
+        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **rows,
+    )
+    grad_items = sum_rows_by_sorted_index(item_row_grad, sorted_positives, None, items.shape[0], items.dtype)
+    return grad_user, grad_items, sum_partials(codebook_part.flatten(0, 1), codebooks.dtype)
 
 
-@in_batch_bpr_backward.register_fake
-def _(grad_output, user, items, codebooks, positives, weights, row_counts, *options):
+@in_batch_mean_backward.register_fake
+def _(grad_output, user, items, codebooks, *saved_and_options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
 
 
 def _setup_context(ctx, inputs, output):
     user, items, codebooks, positives, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, positives, weights, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(user, items, codebooks, positives, weights, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
 
 
-def _backward(ctx, grad_output, _grad_row_counts):
-    grads = in_batch_bpr_backward(grad_output, *ctx.saved_tensors, *ctx.options)
-    return *grads, None, None, None, None, None, None, None, None
+def _backward(ctx, grad_output, *_grad_saved):
+    grads = in_batch_mean_backward(grad_output, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None, None, None
 
 
-in_batch_bpr_op.register_autograd(_backward, setup_context=_setup_context)
+in_batch_mean_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def in_batch_bpr(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,
-                 user_temperature, layer_weights, reduction):
-    """In-batch distributional BPR on the Triton backend (arguments validated by the caller).
-
-    user (B, L, d) residuals or (B, L, K) logits, items (N, L, d), codebooks (L, K, d),
-    positives (B,); returns a float32 scalar, or (B,) with ``reduction="none"``.
-    """
-    loss, _ = in_batch_bpr_op(user, items, codebooks, positives.long().contiguous(), layer_weights, in_batch,
-                              user_logits, symmetric, temperature, user_temperature, reduction)
+def in_batch_mean(user, items, codebooks, positives, *, user_logits, symmetric, temperature, user_temperature,
+                  layer_weights, reduction):
+    """In-batch distributional BPR against the mean user ("mean") on the Triton kernels; arguments
+    validated by the caller. user (B, L, d) residuals or (B, L, K) logits, items (N, L, d),
+    codebooks (L, K, d), positives (B,) -> a float32 scalar, or (B,) for ``reduction="none"``.
+    Non-contiguous inputs are copied once (the kernels index row-major tensors)."""
+    loss, *_ = in_batch_mean_op(
+        user.contiguous(), items.contiguous(), codebooks.contiguous(), positives.long().contiguous(),
+        layer_weights, user_logits, symmetric, temperature, user_temperature, reduction,
+    )
     return loss

@@ -67,6 +67,7 @@ from .common import (
     SCORE_PRECISION,
     launch_config,
     layer_logits,
+    layer_weight,
     load_rows,
     log_sum_exp,
     mma,
@@ -108,7 +109,7 @@ def _prologue_kernel(
     """The score operands of a block of rows, both sides.
 
     user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
-    codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; weights_ptr: (L,) float32.
+    codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; weights_ptr: (L,) float32 or None (all ones).
     Writes a_ptr, bm_ptr: (B, F) operands in their dtype; rb_ptr, cb_ptr: (B,) biases (rb = 0
     unless SYMMETRIC); diag_ptr: (B,) S[b, b] = A[b] . Bm[b] + rb[b] + cb[b] with the rounded
     operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits.
@@ -122,7 +123,7 @@ def _prologue_kernel(
     col_bias = tl.zeros((BLOCK_R,), tl.float32)
     diag = tl.zeros((BLOCK_R,), tl.float32)
     for layer in range(0, num_layers):
-        weight = tl.load(weights_ptr + layer)
+        weight = layer_weight(weights_ptr, layer)
         user_layer = user_ptr + layer * user_width
         item_layer = items_ptr + layer * dim
         codebook = codebooks_ptr + layer * num_codes * dim
@@ -471,7 +472,7 @@ def _epilogue_kernel(
     (sides with residuals, P, L, K, d) float32.
     """
     program, layer = tl.program_id(0), tl.program_id(1)
-    weight = tl.load(weights_ptr + layer)
+    weight = layer_weight(weights_ptr, layer)
     for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
         rows = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_mask = rows < batch
@@ -533,7 +534,8 @@ def _forward_grid(batch: int, config: dict) -> tuple[int, int, int]:
 
 @torch.library.custom_op("soda_kernels::in_batch_pairs", mutates_args=())
 def in_batch_pairs_op(
-    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor,
+    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor,
+    weights: torch.Tensor | None,
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the reduced loss, T_b (B,) and sum_b T_b (), float32; the counts are kept for backward)."""
@@ -571,7 +573,7 @@ def _(user, items, codebooks, positives, weights, in_batch, user_logits, symmetr
 @torch.library.custom_op("soda_kernels::in_batch_pairs_backward", mutates_args=())
 def in_batch_pairs_backward(
     grad_output: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
-    positives: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, total: torch.Tensor,
+    positives: torch.Tensor, weights: torch.Tensor | None, counts: torch.Tensor, total: torch.Tensor,
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a, bm, rb, cb, diag, lse = _operands(user, items, codebooks, positives, weights, user_logits, symmetric,
@@ -634,6 +636,6 @@ def in_batch_pairs(user, items, codebooks, positives, *, in_batch, user_logits, 
     Non-contiguous inputs are copied once (the kernels index row-major tensors)."""
     loss, _, _ = in_batch_pairs_op(
         user.contiguous(), items.contiguous(), codebooks.contiguous(), positives.long().contiguous(),
-        layer_weights.contiguous(), in_batch, user_logits, symmetric, temperature, user_temperature, reduction,
+        layer_weights, in_batch, user_logits, symmetric, temperature, user_temperature, reduction,
     )
     return loss

@@ -1,11 +1,12 @@
 """Pairwise layer-weighted KL between two sets of per-layer code distributions.
 
     out[i, j] = sum_l w_l KL(P_i^l || Q_j^l),  P = softmax(p_logits), Q = softmax(q_logits)
-              = sum_l w_l sum_k P_i,k log P_i,k  -  sum_(l,k) w_l P_i,k log Q_j,k
+              = sum_l w_l sum_k P_ik log P_ik  -  sum_(l,k) w_l P_ik log Q_jk
 
-The second term is one matrix product over the concatenated (layer, code) axis: the Triton
-kernel takes per-row (lse, sum_k P log P) from ``distribution_stats`` and streams (layer, K)
-tiles of both sides through tl.dot(w_l P_i, (log Q_j)^T) for a (BLOCK_M, BLOCK_B) output tile.
+The second term is one matrix product over the concatenated (layer, code) axis. Forward (1 launch):
+a program owns a (BLOCK_M, BLOCK_N) tile of out; per layer it takes both sides' log-sum-exps by an
+online pass over the K tiles of logits, then streams the K tiles again through
+tl.dot(w_l P_i, (log Q_j)^T), adding the negative entropies of its P rows.
 
 Backward, for G = dLoss/dout (M, B), per layer (the weight w_l multiplies both):
 
@@ -15,7 +16,8 @@ Backward, for G = dLoss/dout (M, B), per layer (the weight w_l multiplies both):
         -> grad_p_i = w_l P_i (g_i (log P_i - P_i . log P_i) - H_i + P_i . H_i),
            g_i = sum_j G_ij, H = G log Q (M, K)
 
-two matrix products over recomputed log-softmaxes (backward temporaries, nothing saved).
+two matrix products over recomputed log-softmaxes, in PyTorch (backward temporaries, nothing saved
+but the inputs).
 """
 
 from __future__ import annotations
@@ -24,69 +26,57 @@ import torch
 import triton
 import triton.language as tl
 
-from ._legacy import FP32_DOT_PRECISION, block_size, distribution_logits_tile, distribution_stats
+from .common import SCORE_PRECISION, launch_config, layer_weight, load_logits, log_sum_exp_update
 
 
 @triton.jit
 def _pairwise_kl_kernel(
-    p_ptr, stride_pm, stride_pl, stride_pk, q_ptr, stride_qb, stride_ql, stride_qk,
-    p_lse_ptr, p_negent_ptr, q_lse_ptr, weight_ptr, out_ptr, stride_om, stride_ob,
-    num_p, num_q, num_layers, num_codes,
-    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    p_ptr, q_ptr, weights_ptr, out_ptr, num_p, num_q, num_layers, num_codes,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out = sum_l w_l (P . log P)_i - sum_(l,k) w_l P_ik log Q_jk for a (BLOCK_M, BLOCK_B) tile."""
+    """Grid (row blocks of P, column blocks of Q). p_ptr: (M, L, K) and q_ptr: (B, L, K) logits;
+    weights_ptr: (L,) float32 or None (all ones); writes out_ptr: (M, B) float32, the tile's out[i, j]."""
     rows_p = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_q = tl.program_id(1).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_p = rows_p < num_p
-    mask_q = rows_q < num_q
-    cross = tl.zeros((BLOCK_M, BLOCK_B), tl.float32)
+    rows_q = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_p, mask_q = rows_p < num_p, rows_q < num_q
+    row_stride = num_layers * num_codes
+    cross = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     negative_entropy = tl.zeros((BLOCK_M,), tl.float32)
     for layer in range(0, num_layers):
-        weight = tl.load(weight_ptr + layer)
-        p_lse = tl.load(p_lse_ptr + rows_p * num_layers + layer, mask=mask_p, other=0.0)
-        q_lse = tl.load(q_lse_ptr + rows_q * num_layers + layer, mask=mask_q, other=0.0)
-        p_negent = tl.load(p_negent_ptr + rows_p * num_layers + layer, mask=mask_p, other=0.0)
-        negative_entropy += weight * p_negent
+        weight = layer_weight(weights_ptr, layer)
+        p_layer, q_layer = p_ptr + layer * num_codes, q_ptr + layer * num_codes
+        max_p = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        sum_p = tl.zeros((BLOCK_M,), tl.float32)
+        max_q = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        sum_q = tl.zeros((BLOCK_N,), tl.float32)
         for k_start in range(0, num_codes, BLOCK_K):
             codes = k_start + tl.arange(0, BLOCK_K)
             code_mask = codes < num_codes
-            p_logits = distribution_logits_tile(
-                p_ptr, rows_p, mask_p, stride_pm, stride_pl, stride_pk,
-                p_ptr, layer, codes, code_mask, 0, 0, 0, 1, 1.0,
-                True, BLOCK_M, BLOCK_K, 16, PRECISION,
-            )
-            q_logits = distribution_logits_tile(
-                q_ptr, rows_q, mask_q, stride_qb, stride_ql, stride_qk,
-                q_ptr, layer, codes, code_mask, 0, 0, 0, 1, 1.0,
-                True, BLOCK_B, BLOCK_K, 16, PRECISION,
-            )
-            weighted_p = weight * tl.exp(p_logits - p_lse[:, None])
-            log_q = tl.where(code_mask[None, :], q_logits - q_lse[:, None], 0.0)
+            max_p, sum_p = log_sum_exp_update(max_p, sum_p, load_logits(p_layer, row_stride, rows_p, mask_p, codes,
+                                                                        code_mask))
+            max_q, sum_q = log_sum_exp_update(max_q, sum_q, load_logits(q_layer, row_stride, rows_q, mask_q, codes,
+                                                                        code_mask))
+        lse_p, lse_q = max_p + tl.log(sum_p), max_q + tl.log(sum_q)
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            log_p = load_logits(p_layer, row_stride, rows_p, mask_p, codes, code_mask) - lse_p[:, None]
+            log_q = load_logits(q_layer, row_stride, rows_q, mask_q, codes, code_mask) - lse_q[:, None]
+            weighted_p = tl.where(code_mask[None, :], weight * tl.exp(log_p), 0.0)
+            negative_entropy += tl.sum(weighted_p * tl.where(code_mask[None, :], log_p, 0.0), axis=1)
+            log_q = tl.where(code_mask[None, :], log_q, 0.0)
             cross = tl.dot(weighted_p, tl.trans(log_q), cross, input_precision=PRECISION)
-    out = out_ptr + rows_p[:, None] * stride_om + rows_q[None, :] * stride_ob
+    out = out_ptr + rows_p[:, None] * num_q + rows_q[None, :]
     tl.store(out, negative_entropy[:, None] - cross, mask=mask_p[:, None] & mask_q[None, :])
 
 
-def _logit_stats(logits: torch.Tensor):
-    """(lse, sum_k P log P), each (R, L) float32, of softmax(logits) for (R, L, K) logits."""
-    num_layers, num_codes = logits.shape[1:]
-    shape_only = logits.new_empty((num_layers, num_codes, 1))  # L and K for the stats launch
-    return distribution_stats(logits, shape_only, 1.0, from_logits=True)
-
-
 @torch.library.custom_op("soda_kernels::pairwise_kl", mutates_args=())
-def pairwise_kl_op(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def pairwise_kl_op(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     (num_p, num_layers, num_codes), num_q = p_logits.shape, q_logits.shape[0]
-    p_lse, p_negent = _logit_stats(p_logits)
-    q_lse, _ = _logit_stats(q_logits)
-    out = torch.empty((num_p, num_q), dtype=torch.float32, device=p_logits.device)
-    block_m, block_b = block_size(num_p, high=64), block_size(num_q, high=64)
-    _pairwise_kl_kernel[(triton.cdiv(num_p, block_m), triton.cdiv(num_q, block_b))](
-        p_logits, *p_logits.stride(), q_logits, *q_logits.stride(),
-        p_lse, p_negent, q_lse, weights, out, *out.stride(),
-        num_p, num_q, num_layers, num_codes,
-        BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_K=block_size(num_codes, high=64),
-        PRECISION=FP32_DOT_PRECISION,
+    out = p_logits.new_empty((num_p, num_q), dtype=torch.float32)
+    config = launch_config("pairwise", codes=num_codes)
+    _pairwise_kl_kernel[(triton.cdiv(num_p, config["BLOCK_M"]), triton.cdiv(num_q, config["BLOCK_N"]))](
+        p_logits, q_logits, weights, out, num_p, num_q, num_layers, num_codes, PRECISION=SCORE_PRECISION, **config,
     )
     return out
 
@@ -98,13 +88,13 @@ def _(p_logits, q_logits, weights):
 
 @torch.library.custom_op("soda_kernels::pairwise_kl_backward", mutates_args=())
 def pairwise_kl_backward(
-    grad_out: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor
+    grad_out: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_out = grad_out.float()
     log_p = p_logits.float().log_softmax(-1)
     log_q = q_logits.float().log_softmax(-1)
     p = log_p.exp()
-    w = weights[:, None]
+    w = 1.0 if weights is None else weights[:, None]
     h = torch.einsum("mb,blk->mlk", grad_out, log_q)
     row_grad = grad_out.sum(1)[:, None, None]
     negative_entropy = (p * log_p).sum(-1, keepdim=True)
@@ -127,3 +117,10 @@ def _backward(ctx, grad_out):
 
 
 pairwise_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """out[i, j] = sum_l w_l KL(softmax(p_logits[i, l]) || softmax(q_logits[j, l])) on the Triton
+    kernel; arguments validated by the caller. p_logits (M, L, K), q_logits (B, L, K), weights (L,)
+    float32 or None (all ones) -> (M, B) float32. Non-contiguous inputs are copied once."""
+    return pairwise_kl_op(p_logits.contiguous(), q_logits.contiguous(), weights)

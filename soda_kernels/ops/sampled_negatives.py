@@ -1,31 +1,49 @@
-"""Fused distributional BPR with explicit (sampled) negatives: Triton kernels.
+"""Distributional BPR against sampled negatives: the user side once per row block, and nothing of
+B (1 + S) L K anywhere, forward or backward.
 
-Row b scores its items n_bj = samples[b, j] (j = 0 the positive, then the S negatives,
--1 = padding). Per layer l, with a = item logits, z = user logits, P = softmax(a),
-Q = softmax(z), one online pass over K tiles (running maxima m_a, m_z) accumulates
+Row b scores 1 + S items n_bj: j = 0 is its positive, j >= 1 the negatives[b, j - 1] (-1 is
+padding: no term). At layer l, with z the user's logits and a the item's over the K codes (codebook
+logits of the residuals, or the user's logits as given) and log q = z - lse(z),
 
-    sum_a = sum_k e^(a_k - m_a)              sum_z = sum_k e^(z_k - m_z)
-    t_a   = sum_k e^(a_k - m_a) (a_k - z_k)   t_z   = sum_k e^(z_k - m_z) (z_k - a_k)
+    s_bj = -sum_l w_l (D_bjl + [D'_bjl])        D = KL(P || Q),  D' = KL(Q || P)   [symmetric]
 
-so that, with lse_a = m_a + log sum_a and lse_z = m_z + log sum_z,
+and row b's terms are softplus(s_bj - s_b0) over its valid j >= 1, reduced like the in-batch op
+(T_b of them, t_b their sum).
 
-    KL(P || Q) = t_a / sum_a - (lse_a - lse_z)      KL(Q || P) = t_z / sum_z - (lse_z - lse_a)
-    s_bj = -sum_l w_l [KL(P || Q) (+ KL(Q || P))]   row_sum_b = sum_(valid j>0) softplus(s_bj - s_b0)
+Forward (2 launches). ``_forward_kernel`` (grid: row blocks x splits of the negatives) takes the
+layers in turn: the users' log-sum-exp, then the K tiles, each tile's user log-probabilities formed
+once and used by every sample of the split (its negatives and, first, the positive). A sample's
+item logits update an online summary of its divergences, with m the running max of a:
 
-(t_a / sum_a = sum_k P_k (a_k - z_k): the log-sum-exps cancel from log P - log Q - KL below).
+    s   = sum_k e^(a_k - m)
+    t_p = sum_k e^(a_k - m) ((a_k - m) - log q_k)
+    t_q = sum_k q_k (log q_k - a_k)
+    lse_a = m + log s,        D = t_p / s - log s,        D' = t_q + lse_a
 
-The forward saves the inputs, the sample indices and the scores (B, 1 + S); never a
-distribution. Backward, for c_bj = dLoss/ds_bj (c_bj = g_b sigmoid(s_bj - s_b0) for a valid
-negative, c_b0 = -sum_j c_bj, g_b = dLoss/drow_sum_b), recomputes the layer statistics and
-each tile, and with dLoss/dKL = -c_bj w_l applies (SPEC section 2)
+(a tile with a larger max m' rescales by r = e^(m - m'): s <- r s, t_p <- r (t_p - (m' - m) s)).
+Summaries live in ``summary`` (B, 1 + S, L, 4) float32, O(B S L), read back and rewritten per K
+tile by the program that owns them (every split needs the positive's: split 0 keeps it there, the
+others in a spare copy). A last pass over the split's samples forms the scores and the split's
+partial sums of the terms, of their count and of sigmoid(s_bj - s_b0); ``_finish_kernel`` adds the
+splits in a fixed order and reduces. Saved for backward: the summaries, the scores (B, 1 + S), the
+users' log-sum-exps (B, L) and per row T_b and sigma_b = sum_j sigmoid(s_bj - s_b0): nothing of K.
 
-    dKL/dz = Q - P                     dKL/da = P (log P - log Q - KL) = P (a - z - t_a / sum_a)
-    dKL'/dz = Q (log Q - log P - KL') = Q (z - a - t_z / sum_z)      dKL'/da = P - Q
+Backward (4 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/ds_bj = g_b sigmoid(s_bj - s_b0)
+for a valid j >= 1 and -g_b sigma_b for j = 0, and e_bjl = -w_l dLoss/ds_bj the gradient reaching
+D (and D'), the identities of docs/maths.md section 5 give, per tile of codes,
 
-User-logit gradients accumulate in the program owning the user rows (no atomics); item-logit
-gradients go to one row per occurrence (b, j), are projected onto residuals and codebooks by
-``project_logit_grad``, and summed over repeated items by a sort-based ``index_put_``, so two
-backward passes are bit-identical.
+    dz += e [(Q - P) + (Q (log Q - log P - D'))]        da = e [P (log P - log Q - D) + (P - Q)]
+
+(bracketed: symmetric; both sum to 0 over k). ``_backward_kernel`` (grid: row blocks x layers x
+chunks of d) streams the K tiles (outer loop) and every sample (inner): dz accumulates on chip over
+the samples; each da is projected at once with the tile's codewords (``project_logit_grad_into``)
+into the occurrence's residual gradient, (B, 1 + S, L, d) float32 (the sum over the K tiles read
+back and added by the program that owns it), and into the program's codebook partial, to which the
+users' share is added once per tile, as dz C is to the user's residual gradient. The logits take
+all of d, the projections the program's chunk of it, so the partial (K tile, chunk) and the rows
+(rows, chunk) stay on chip. The kernel writes each occurrence's item (-1: none) as its sort key: a
+stable ``torch.sort`` and ``sum_rows_by_sorted_index`` add up the occurrences of each item in a
+fixed order, ``sum_partials`` the codebook partials; two backward passes are bit-identical.
 """
 
 from __future__ import annotations
@@ -34,281 +52,406 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_backend
-from ._legacy import (
-    FP32_DOT_PRECISION,
-    block_size,
-    distribution_logits_tile,
-    project_logit_grad,
+from .common import (
+    INTERPRETER,
+    LOGIT_PRECISION,
+    codebook_logits,
+    launch_config,
+    layer_logits,
+    layer_weight,
+    load_rows,
+    log_sum_exp,
+    project_logit_grad_into,
+    sigmoid,
+    softplus,
+    sum_partials,
+    sum_rows_by_sorted_index,
 )
+from .in_batch_pairs import row_scale
+
+SUMMARY = 4
 
 
 @triton.jit
-def _pair_logits_tile(
-    user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-    items_ptr, item_rows, stride_in, stride_il, stride_id,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    layer, codes, code_mask, dim, inv_user_temperature, inv_temperature,
-    USER_LOGITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """(user logits z, item logits a), each (BLOCK_B, BLOCK_K) float32, -inf on masked codes."""
-    z = distribution_logits_tile(
-        user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-        c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-        dim, inv_user_temperature, USER_LOGITS, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-    )
-    a = distribution_logits_tile(
-        items_ptr, item_rows, user_mask, stride_in, stride_il, stride_id,
-        c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-        dim, inv_temperature, False, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-    )
-    return z, a
+def _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives):
+    """The items of sample ``sample`` for rows (BLOCK_R,), int64: positives (B,) for sample 0,
+    column sample - 1 of negatives (B, S) otherwise; -1 for padding and masked rows."""
+    positive = tl.load(positives_ptr + rows, mask=row_mask & (sample == 0), other=-1)
+    negative = tl.load(negatives_ptr + rows * num_negatives + (sample - 1), mask=row_mask & (sample > 0), other=-1)
+    return tl.where(sample == 0, positive, negative)
 
 
 @triton.jit
-def _pair_layer_stats(
-    user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-    items_ptr, item_rows, stride_in, stride_il, stride_id,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    layer, num_codes, dim, inv_user_temperature, inv_temperature,
-    USER_LOGITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+def _update_summary(m, s, t_p, t_q, a, log_q, q, tile_mask):
+    """The divergence summary (m, s, t_p, t_q), each (BLOCK_R,), after one more K tile of item
+    logits ``a`` (BLOCK_R, BLOCK_K) (-inf on masked codes) against the user's log q and q (0 on
+    masked codes). The empty summary is (-inf, 0, 0, 0)."""
+    m_new = tl.maximum(m, tl.max(a, axis=1))
+    rescale = tl.exp(m - m_new)
+    shifted = tl.where(tile_mask, a - m_new[:, None], 0.0)
+    e = tl.where(tile_mask, tl.exp(shifted), 0.0)
+    shift = tl.where(s > 0, m_new - m, 0.0)  # 0 for the empty summary, whose m is -inf
+    t_p = rescale * (t_p - shift * s) + tl.sum(e * (shifted - log_q), axis=1)
+    s = rescale * s + tl.sum(e, axis=1)
+    t_q += tl.sum(q * tl.where(tile_mask, log_q - a, 0.0), axis=1)
+    return m_new, s, t_p, t_q
+
+
+@triton.jit
+def _load_summary(summary_ptr, mask):
+    """(m, s, t_p, t_q) at summary_ptr, (BLOCK_R,) pointers to 4 floats; the empty summary where masked."""
+    m = tl.load(summary_ptr, mask=mask, other=float("-inf"))
+    s = tl.load(summary_ptr + 1, mask=mask, other=0.0)
+    t_p = tl.load(summary_ptr + 2, mask=mask, other=0.0)
+    t_q = tl.load(summary_ptr + 3, mask=mask, other=0.0)
+    return m, s, t_p, t_q
+
+
+@triton.jit
+def _store_summary(summary_ptr, m, s, t_p, t_q, mask):
+    tl.store(summary_ptr, m, mask=mask)
+    tl.store(summary_ptr + 1, s, mask=mask)
+    tl.store(summary_ptr + 2, t_p, mask=mask)
+    tl.store(summary_ptr + 3, t_q, mask=mask)
+
+
+@triton.jit
+def _divergences(m, s, t_p, t_q):
+    """(lse_a, D, D') of finished summaries, (BLOCK_R,) each; 0 for the empty summary (a real one
+    has s >= 1: its largest logit counts e^0)."""
+    filled = s > 0
+    s = tl.where(filled, s, 1.0)
+    m = tl.where(filled, m, 0.0)
+    log_s = tl.log(s)
+    return m + log_s, t_p / s - log_s, t_q + m + log_s
+
+
+@triton.jit
+def _divergence(m, s, t_p, t_q, SYMMETRIC: tl.constexpr):
+    """D (+ D' when SYMMETRIC) of finished summaries."""
+    _, forward, reverse = _divergences(m, s, t_p, t_q)
+    if SYMMETRIC:
+        forward += reverse
+    return forward
+
+
+@triton.jit
+def _forward_kernel(
+    user_ptr, items_ptr, codebooks_ptr, positives_ptr, negatives_ptr, weights_ptr,
+    summary_ptr, spare_ptr, user_lse_ptr, scores_ptr, part_ptr,
+    batch, num_negatives, split_size, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """(lse_z, lse_a, sum_k P (a - z), sum_k Q (z - a)) per row for one layer, one pass over K."""
-    max_z = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    max_a = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    sum_z = tl.zeros((BLOCK_B,), tl.float32)
-    sum_a = tl.zeros((BLOCK_B,), tl.float32)
-    t_z = tl.zeros((BLOCK_B,), tl.float32)
-    t_a = tl.zeros((BLOCK_B,), tl.float32)
+    """A block of rows and split program_id(1) of the negatives (split_size of them, the last split
+    fewer), through every layer; the split's samples are its negatives and, as its sample 0, the
+    positive.
+
+    user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
+    codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; negatives_ptr: (B, S) int64, -1 padding;
+    weights_ptr: (L,) float32 or None (all ones). Writes summary_ptr: (B, 1 + S, L, 4) float32 the divergence summaries
+    of the split's negatives and, split 0, of the positive; spare_ptr: (splits, B, L, 4) the other
+    splits' own copies of the positive's; user_lse_ptr: (B, L) (split 0); scores_ptr: (B, 1 + S)
+    s_bj (0 for padding; s_b0 by split 0); part_ptr: (3, splits, B) the split's sums of the terms,
+    of their count and of sigmoid(s_bj - s_b0).
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    split = tl.program_id(1)
+    first = 1 + split * split_size
+    count = tl.minimum(split_size, num_negatives + 1 - first)  # the split's negatives
+    samples = 1 + num_negatives
+    user_width = num_codes if USER_LOGITS else dim
+    positive_summary = tl.where(split == 0, summary_ptr + rows * samples * num_layers * 4,
+                                spare_ptr + (split * batch + rows) * num_layers * 4)
+    for layer in range(0, num_layers):
+        user_layer = user_ptr + layer * user_width
+        item_layer = items_ptr + layer * dim
+        codebook = codebooks_ptr + layer * num_codes * dim
+        lse_z = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
+                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        tl.store(user_lse_ptr + rows * num_layers + layer, lse_z, mask=row_mask & (split == 0))
+        for k_start in range(0, num_codes, BLOCK_K):
+            codes = k_start + tl.arange(0, BLOCK_K)
+            code_mask = codes < num_codes
+            tile_mask = row_mask[:, None] & code_mask[None, :]
+            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
+                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_q = tl.where(tile_mask, z - lse_z[:, None], 0.0)
+            q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+            for t in range(0, 1 + count):
+                sample = tl.where(t == 0, 0, first + t - 1)
+                item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+                valid = item >= 0
+                a = codebook_logits(item_layer, num_layers * dim, tl.maximum(item, 0), valid, codebook, codes,
+                                    code_mask, dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+                summary = tl.where(t == 0, positive_summary, summary_ptr + (rows * samples + sample) * num_layers * 4)
+                summary += layer * 4
+                m, s, t_p, t_q = _load_summary(summary, valid & (k_start > 0))
+                m, s, t_p, t_q = _update_summary(m, s, t_p, t_q, a, log_q, q, valid[:, None] & code_mask[None, :])
+                _store_summary(summary, m, s, t_p, t_q, row_mask)  # padding: a finite summary nothing reads
+            tl.debug_barrier()  # the next tile (or the last pass) reads these summaries, maybe in other threads
+    positive_score = tl.zeros((BLOCK_R,), tl.float32)
+    for layer in range(0, num_layers):
+        m, s, t_p, t_q = _load_summary(positive_summary + layer * 4, row_mask)
+        positive_score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
+    tl.store(scores_ptr + rows * samples, positive_score, mask=row_mask & (split == 0))
+    terms = tl.zeros((BLOCK_R,), tl.float32)
+    terms_count = tl.zeros((BLOCK_R,), tl.float32)
+    sigmoids = tl.zeros((BLOCK_R,), tl.float32)
+    for sample in range(first, first + count):
+        valid = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives) >= 0
+        score = tl.zeros((BLOCK_R,), tl.float32)
+        for layer in range(0, num_layers):
+            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
+            m, s, t_p, t_q = _load_summary(summary, valid)
+            score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
+        score = tl.where(valid, score, 0.0)
+        tl.store(scores_ptr + rows * samples + sample, score, mask=row_mask)
+        terms += tl.where(valid, softplus(score - positive_score), 0.0)
+        sigmoids += tl.where(valid, sigmoid(score - positive_score), 0.0)
+        terms_count += valid.to(tl.float32)
+    splits = tl.num_programs(1)
+    tl.store(part_ptr + split * batch + rows, terms, mask=row_mask)
+    tl.store(part_ptr + (splits + split) * batch + rows, terms_count, mask=row_mask)
+    tl.store(part_ptr + (2 * splits + split) * batch + rows, sigmoids, mask=row_mask)
+
+
+@triton.jit
+def _finish_kernel(
+    part_ptr, loss_ptr, counts_ptr, total_ptr, sigmoid_sums_ptr, batch, num_splits,
+    REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: per row t_b, T_b and sigma_b from the splits' partials part_ptr (3, splits, B),
+    added in split order; counts_ptr (B,) <- T_b, sigmoid_sums_ptr (B,) <- sigma_b, total_ptr () <-
+    sum_b T_b, loss_ptr () <- the mean over all terms or their sum, or (B,) <- t_b / max(T_b, 1)."""
+    term_sum = tl.zeros((BLOCK,), tl.float32)
+    count_sum = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, batch, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        row_mask = rows < batch
+        terms = tl.zeros((BLOCK,), tl.float32)
+        count = tl.zeros((BLOCK,), tl.float32)
+        sigmoids = tl.zeros((BLOCK,), tl.float32)
+        for split in range(0, num_splits):
+            terms += tl.load(part_ptr + split * batch + rows, mask=row_mask, other=0.0)
+            count += tl.load(part_ptr + (num_splits + split) * batch + rows, mask=row_mask, other=0.0)
+            sigmoids += tl.load(part_ptr + (2 * num_splits + split) * batch + rows, mask=row_mask, other=0.0)
+        tl.store(counts_ptr + rows, count, mask=row_mask)
+        tl.store(sigmoid_sums_ptr + rows, sigmoids, mask=row_mask)
+        if REDUCTION == "none":
+            tl.store(loss_ptr + rows, terms / tl.maximum(count, 1.0), mask=row_mask)
+        term_sum += terms
+        count_sum += count
+    total = tl.sum(count_sum, axis=0)
+    tl.store(total_ptr, total)
+    if REDUCTION == "mean":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
+    if REDUCTION == "sum":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0))
+
+
+@triton.jit
+def _backward_kernel(
+    user_ptr, items_ptr, codebooks_ptr, positives_ptr, negatives_ptr, weights_ptr,
+    summary_ptr, user_lse_ptr, scores_ptr, sigmoid_sums_ptr, grad_ptr, counts_ptr, total_ptr,
+    grad_user_ptr, occurrence_grad_ptr, keys_ptr, codebook_part_ptr,
+    batch, num_negatives, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (row blocks, L, chunks): a block of rows, one layer and one chunk of BLOCK_G of the d
+    residual features (the logits take all of d, the projections this chunk) through every
+    sample, the module docstring's backward.
+
+    Inputs as ``_forward_kernel`` takes and writes them; grad_ptr: () or, for "none", (B,) float32
+    dLoss/dloss; counts_ptr (B,) T_b, total_ptr () sum_b T_b, sigmoid_sums_ptr (B,) sigma_b. Writes
+    grad_user_ptr: (B, L, d) (or (B, L, K) for USER_LOGITS, chunk 0) in the user's dtype;
+    occurrence_grad_ptr: (B, 1 + S, L, d) float32 each valid occurrence's item-residual gradient;
+    keys_ptr: (B, 1 + S) int32 each occurrence's item, -1 for padding (layer 0, chunk 0);
+    codebook_part_ptr: (row blocks, L, K, d) float32 the program's codebook gradient partial.
+    """
+    block, layer, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    samples = 1 + num_negatives
+    user_width = num_codes if USER_LOGITS else dim
+    user_layer = user_ptr + layer * user_width
+    item_layer = items_ptr + layer * dim
+    codebook = codebooks_ptr + layer * num_codes * dim
+    weight = layer_weight(weights_ptr, layer)
+    row_grad = row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION)
+    positive_score = tl.load(scores_ptr + rows * samples, mask=row_mask, other=0.0)
+    sigmoid_sum = tl.load(sigmoid_sums_ptr + rows, mask=row_mask, other=0.0)
+    lse_z = tl.load(user_lse_ptr + rows * num_layers + layer, mask=row_mask, other=0.0)
+    d_start = chunk * BLOCK_G
+    offs_g = d_start + tl.arange(0, BLOCK_G)
+    g_mask = offs_g < dim
+    grad_user_out = grad_user_ptr + rows[:, None] * num_layers * user_width
+    grad_user_rows = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+    part = codebook_part_ptr + (block * num_layers + layer) * num_codes * dim
     for k_start in range(0, num_codes, BLOCK_K):
         codes = k_start + tl.arange(0, BLOCK_K)
         code_mask = codes < num_codes
-        z, a = _pair_logits_tile(
-            user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-            items_ptr, item_rows, stride_in, stride_il, stride_id,
-            c_ptr, stride_cl, stride_ck, stride_cd,
-            layer, codes, code_mask, dim, inv_user_temperature, inv_temperature,
-            USER_LOGITS, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        diff = tl.where(code_mask[None, :], a - z, 0.0)
-        new_max_z = tl.maximum(max_z, tl.max(z, axis=1))
-        new_max_a = tl.maximum(max_a, tl.max(a, axis=1))
-        rescale_z = tl.exp(max_z - new_max_z)
-        rescale_a = tl.exp(max_a - new_max_a)
-        exp_z = tl.exp(z - new_max_z[:, None])
-        exp_a = tl.exp(a - new_max_a[:, None])
-        sum_z = sum_z * rescale_z + tl.sum(exp_z, axis=1)
-        sum_a = sum_a * rescale_a + tl.sum(exp_a, axis=1)
-        t_z = t_z * rescale_z - tl.sum(exp_z * diff, axis=1)
-        t_a = t_a * rescale_a + tl.sum(exp_a * diff, axis=1)
-        max_z = new_max_z
-        max_a = new_max_a
-    return max_z + tl.log(sum_z), max_a + tl.log(sum_a), t_a / sum_a, t_z / sum_z
+        tile_mask = row_mask[:, None] & code_mask[None, :]
+        z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
+                         inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        log_q = tl.where(tile_mask, z - lse_z[:, None], 0.0)
+        q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+        grad_z = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+        grad_c = tl.zeros((BLOCK_K, BLOCK_G), tl.float32)
+        column_sum = tl.zeros((BLOCK_K,), tl.float32)
+        for sample in range(0, samples):
+            item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+            valid = item >= 0
+            item_rows = tl.maximum(item, 0)
+            score = tl.load(scores_ptr + rows * samples + sample, mask=valid, other=0.0)
+            # e = -w dLoss/ds: -w g sigmoid(s - s_0) for a negative, w g sigma for the positive
+            grad_kl = tl.where(sample == 0, weight * row_grad * sigmoid_sum,
+                               -weight * row_grad * sigmoid(score - positive_score))
+            grad_kl = tl.where(valid, grad_kl, 0.0)[:, None]
+            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
+            m, s, t_p, t_q = _load_summary(summary, valid)
+            lse_a, kl, reverse_kl = _divergences(m, s, t_p, t_q)
+            sample_mask = valid[:, None] & code_mask[None, :]
+            a = codebook_logits(item_layer, num_layers * dim, item_rows, valid, codebook, codes, code_mask, dim,
+                                inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_p = tl.where(sample_mask, a - lse_a[:, None], 0.0)
+            p = tl.where(sample_mask, tl.exp(log_p), 0.0)
+            grad_a = p * (log_p - log_q - kl[:, None])
+            sample_grad_z = q - p
+            if SYMMETRIC:
+                grad_a += p - q
+                sample_grad_z += q * (log_q - log_p - reverse_kl[:, None])
+            grad_a = tl.where(sample_mask, 2.0 * inv_temperature * grad_kl * grad_a, 0.0)
+            grad_z += tl.where(sample_mask, grad_kl * sample_grad_z, 0.0)
+            x = load_rows(item_layer + d_start, num_layers * dim, item_rows, valid, dim - d_start, BLOCK_G)
+            c = load_rows(codebook + d_start, dim, codes, code_mask, dim - d_start, BLOCK_G)
+            occurrence = (rows * samples + sample) * num_layers + layer
+            out = occurrence_grad_ptr + occurrence[:, None] * dim + offs_g[None, :]
+            out_mask = valid[:, None] & g_mask[None, :]
+            grad_x = tl.load(out, mask=out_mask & (k_start > 0), other=0.0)  # the tiles before this one
+            grad_x, grad_c, sample_sum = project_logit_grad_into(grad_a, x, c, grad_x, grad_c, PRECISION)
+            column_sum += sample_sum
+            tl.store(out, grad_x, mask=out_mask)
+            tl.store(keys_ptr + rows * samples + sample, item.to(tl.int32),
+                     mask=row_mask & (layer == 0) & (chunk == 0) & (k_start == 0))
+        c = load_rows(codebook + d_start, dim, codes, code_mask, dim - d_start, BLOCK_G)
+        if USER_LOGITS:
+            tl.store(grad_user_out + layer * num_codes + codes[None, :], grad_z.to(grad_user_ptr.dtype.element_ty),
+                     mask=tile_mask & (chunk == 0))
+        else:
+            x_user = load_rows(user_layer + d_start, num_layers * dim, rows, row_mask, dim - d_start, BLOCK_G)
+            grad_user_rows, grad_c, user_sum = project_logit_grad_into(
+                2.0 * inv_user_temperature * grad_z, x_user, c, grad_user_rows, grad_c, PRECISION)
+            column_sum += user_sum
+        grad_c -= column_sum[:, None] * c.to(tl.float32)
+        tl.store(part + codes[:, None] * dim + offs_g[None, :], grad_c, mask=code_mask[:, None] & g_mask[None, :])
+        tl.debug_barrier()  # the next tile adds to these occurrence rows, maybe in other threads
+    if not USER_LOGITS:
+        tl.store(grad_user_out + layer * dim + offs_g[None, :], grad_user_rows.to(grad_user_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & g_mask[None, :])
 
 
-@triton.jit
-def _sample_score(
-    user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-    items_ptr, item_rows, stride_in, stride_il, stride_id,
-    c_ptr, stride_cl, stride_ck, stride_cd, weight_ptr,
-    num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
-    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """s(b, item_rows[b]) = -sum_l w_l [KL(P||Q) (+ KL(Q||P))] for a block of user rows."""
-    score = tl.zeros((BLOCK_B,), tl.float32)
-    for layer in range(0, num_layers):
-        lse_z, lse_a, mean_p_diff, mean_q_diff = _pair_layer_stats(
-            user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-            items_ptr, item_rows, stride_in, stride_il, stride_id,
-            c_ptr, stride_cl, stride_ck, stride_cd,
-            layer, num_codes, dim, inv_user_temperature, inv_temperature,
-            USER_LOGITS, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        divergence = mean_p_diff - (lse_a - lse_z)
-        if SYMMETRIC:
-            divergence += mean_q_diff - (lse_z - lse_a)
-        score -= tl.load(weight_ptr + layer) * divergence
-    return score
+def _splits(programs: int, num_negatives: int) -> tuple[int, int]:
+    """(negatives per split, number of splits) for a grid of ``programs`` programs per split:
+    enough splits to give a GPU about 512 programs, each with at least 8 negatives (the user side
+    costs about two samples' work; 2 in the interpreter, so that the tests cross splits)."""
+    most = max(1, triton.cdiv(num_negatives, 2 if INTERPRETER else 8))
+    size = max(1, triton.cdiv(num_negatives, min(most, max(1, triton.cdiv(512, programs)))))
+    return size, max(1, triton.cdiv(num_negatives, size))
 
 
-@triton.jit
-def _sampled_bpr_forward_kernel(
-    user_ptr, stride_ub, stride_ul, stride_ud,
-    items_ptr, stride_in, stride_il, stride_id,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    samples_ptr, weight_ptr, score_ptr, row_sum_ptr,
-    batch, num_samples, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
-    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Scores (B, 1 + S) and row_sum_b = sum over valid negatives of softplus(s_bj - s_b0)."""
-    users = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    user_mask = users < batch
-    positives = tl.load(samples_ptr + users * num_samples, mask=user_mask, other=0)
-    positive_score = _sample_score(
-        user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-        items_ptr, positives, stride_in, stride_il, stride_id,
-        c_ptr, stride_cl, stride_ck, stride_cd, weight_ptr,
-        num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
-        USER_LOGITS, SYMMETRIC, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-    )
-    tl.store(score_ptr + users * num_samples, positive_score, mask=user_mask)
-    row_sum = tl.zeros((BLOCK_B,), tl.float32)
-    for j in range(1, num_samples):
-        item = tl.load(samples_ptr + users * num_samples + j, mask=user_mask, other=-1)
-        score = _sample_score(
-            user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-            items_ptr, tl.maximum(item, 0), stride_in, stride_il, stride_id,
-            c_ptr, stride_cl, stride_ck, stride_cd, weight_ptr,
-            num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
-            USER_LOGITS, SYMMETRIC, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        tl.store(score_ptr + users * num_samples + j, score, mask=user_mask)
-        margin = score - positive_score
-        softplus = tl.maximum(margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-        row_sum += tl.where(item >= 0, softplus, 0.0)
-    tl.store(row_sum_ptr + users, row_sum, mask=user_mask)
-
-
-@triton.jit
-def _sampled_bpr_backward_kernel(
-    user_ptr, stride_ub, stride_ul, stride_ud,
-    items_ptr, stride_in, stride_il, stride_id,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    samples_ptr, weight_ptr, coef_ptr, grad_user_ptr, grad_item_ptr,
-    batch, num_samples, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
-    USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dLoss/dz into grad_user (B, L, K) and dLoss/da into grad_item (B * (1 + S), L, K)."""
-    users = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    user_mask = users < batch
-    for j in range(0, num_samples):
-        occurrence = users * num_samples + j
-        item = tl.load(samples_ptr + occurrence, mask=user_mask, other=-1)
-        item_rows = tl.maximum(item, 0)
-        coef = tl.load(coef_ptr + occurrence, mask=user_mask, other=0.0)
-        for layer in range(0, num_layers):
-            lse_z, lse_a, mean_p_diff, mean_q_diff = _pair_layer_stats(
-                user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-                items_ptr, item_rows, stride_in, stride_il, stride_id,
-                c_ptr, stride_cl, stride_ck, stride_cd,
-                layer, num_codes, dim, inv_user_temperature, inv_temperature,
-                USER_LOGITS, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-            )
-            grad_kl = tl.where(item >= 0, -coef * tl.load(weight_ptr + layer), 0.0)[:, None]
-            for k_start in range(0, num_codes, BLOCK_K):
-                codes = k_start + tl.arange(0, BLOCK_K)
-                code_mask = codes < num_codes
-                z, a = _pair_logits_tile(
-                    user_ptr, users, user_mask, stride_ub, stride_ul, stride_ud,
-                    items_ptr, item_rows, stride_in, stride_il, stride_id,
-                    c_ptr, stride_cl, stride_ck, stride_cd,
-                    layer, codes, code_mask, dim, inv_user_temperature, inv_temperature,
-                    USER_LOGITS, BLOCK_B, BLOCK_K, BLOCK_D, PRECISION,
-                )
-                q = tl.exp(z - lse_z[:, None])
-                p = tl.exp(a - lse_a[:, None])
-                diff = tl.where(code_mask[None, :], a - z, 0.0)
-                grad_z = q - p
-                grad_a = p * (diff - mean_p_diff[:, None])
-                if SYMMETRIC:
-                    grad_z -= q * (diff + mean_q_diff[:, None])
-                    grad_a += p - q
-                tile_mask = user_mask[:, None] & code_mask[None, :]
-                offset = layer * num_codes + codes[None, :]
-                item_out = grad_item_ptr + occurrence[:, None] * num_layers * num_codes + offset
-                tl.store(item_out, grad_kl * grad_a, mask=tile_mask)
-                user_out = grad_user_ptr + users[:, None] * num_layers * num_codes + offset
-                previous = tl.load(user_out, mask=tile_mask, other=0.0)
-                tl.store(user_out, previous + grad_kl * grad_z, mask=tile_mask)
-
-
-def _launch(kernel, user, items, codebooks, samples, weights, *extra, user_logits, symmetric,
-            temperature, user_temperature):
-    batch, num_samples = samples.shape
-    num_layers, num_codes, dim = codebooks.shape
-    block_b = block_size(batch, high=32)
-    kernel[(triton.cdiv(batch, block_b),)](
-        user, *user.stride(), items, *items.stride(), codebooks, *codebooks.stride(),
-        samples, weights, *extra,
-        batch, num_samples, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
-        USER_LOGITS=user_logits, SYMMETRIC=symmetric, BLOCK_B=block_b,
-        BLOCK_K=block_size(num_codes, high=64), BLOCK_D=block_size(dim, high=64),
-        PRECISION=FP32_DOT_PRECISION,
-    )
+def _wide(items: torch.Tensor, codebooks: torch.Tensor) -> bool:
+    """Whether the residual-codebook products take float32 operands."""
+    return torch.float32 in (items.dtype, codebooks.dtype)
 
 
 @torch.library.custom_op("soda_kernels::sampled_bpr", mutates_args=())
 def sampled_bpr_op(
-    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, samples: torch.Tensor, weights: torch.Tensor,
-    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums of the BPR terms (B,) and the scores (B, 1 + S), float32; the reduction runs
-    outside in torch and the scores are kept for backward."""
-    scores = torch.empty(samples.shape, dtype=torch.float32, device=user.device)
-    row_sums = torch.empty(samples.shape[0], dtype=torch.float32, device=user.device)
-    _launch(_sampled_bpr_forward_kernel, user, items, codebooks, samples, weights, scores, row_sums,
-            user_logits=user_logits, symmetric=symmetric, temperature=temperature,
-            user_temperature=user_temperature)
-    return row_sums, scores
+    user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor,
+    negatives: torch.Tensor, weights: torch.Tensor | None,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the reduced loss, and for backward: the summaries (B, 1 + S, L, 4), the scores (B, 1 + S),
+    the users' log-sum-exps (B, L), T_b (B,), sum_b T_b (), sigma_b (B,); all float32)."""
+    (batch, num_negatives), num_layers = negatives.shape, codebooks.shape[0]
+    num_codes, dim = codebooks.shape[1:]
+    config = launch_config("samples", codes=num_codes, dim=dim, wide=_wide(items, codebooks))
+    row_blocks = triton.cdiv(batch, config["BLOCK_R"])
+    split_size, splits = _splits(row_blocks, num_negatives)
+    summary = user.new_empty((batch, 1 + num_negatives, num_layers, SUMMARY), dtype=torch.float32)
+    user_lse = user.new_empty((batch, num_layers), dtype=torch.float32)
+    scores = user.new_empty((batch, 1 + num_negatives), dtype=torch.float32)
+    spare = user.new_empty((splits, batch, num_layers, SUMMARY), dtype=torch.float32)
+    part = user.new_empty((3, splits, batch), dtype=torch.float32)
+    _forward_kernel[(row_blocks, splits)](
+        user, items, codebooks, positives, negatives, weights, summary, spare, user_lse, scores, part,
+        batch, num_negatives, split_size, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
+    )
+    loss = user.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
+    counts, sigmoid_sums, total = torch.empty_like(user_lse[:, 0]), torch.empty_like(user_lse[:, 0]), loss.new_empty(())
+    _finish_kernel[(1,)](part, loss, counts, total, sigmoid_sums, batch, splits, REDUCTION=reduction,
+                         **launch_config("reduce"))
+    return loss, summary, scores, user_lse, counts, total, sigmoid_sums
 
 
 @sampled_bpr_op.register_fake
-def _(user, items, codebooks, samples, weights, user_logits, symmetric, temperature, user_temperature):
-    return user.new_empty(samples.shape[:1], dtype=torch.float32), user.new_empty(samples.shape, dtype=torch.float32)
+def _(user, items, codebooks, positives, negatives, weights, user_logits, symmetric, temperature, user_temperature,
+      reduction):
+    (batch, num_negatives), num_layers = negatives.shape, codebooks.shape[0]
+
+    def floats(*shape):
+        return user.new_empty(shape, dtype=torch.float32)
+
+    return (floats(*(positives.shape if reduction == "none" else ())), floats(batch, 1 + num_negatives, num_layers, 4),
+            floats(batch, 1 + num_negatives), floats(batch, num_layers), floats(batch), floats(), floats(batch))
 
 
 @torch.library.custom_op("soda_kernels::sampled_bpr_backward", mutates_args=())
 def sampled_bpr_backward(
-    grad_row_sums: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
-    samples: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
-    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float,
+    grad_output: torch.Tensor, user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor,
+    positives: torch.Tensor, negatives: torch.Tensor, weights: torch.Tensor | None, summary: torch.Tensor,
+    scores: torch.Tensor, user_lse: torch.Tensor, counts: torch.Tensor, total: torch.Tensor,
+    sigmoid_sums: torch.Tensor,
+    user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    negative = samples[:, 1:] >= 0
-    coef_negative = grad_row_sums.float()[:, None] * torch.sigmoid(scores[:, 1:] - scores[:, :1])
-    coef_negative = coef_negative * negative
-    coef = torch.cat([-coef_negative.sum(1, keepdim=True), coef_negative], 1).contiguous()
-    num_layers, num_codes, _ = codebooks.shape
-    grad_user_logits = torch.zeros((user.shape[0], num_layers, num_codes),
-                                   dtype=torch.float32, device=user.device)
-    grad_item_logits = torch.empty((samples.numel(), num_layers, num_codes),
-                                   dtype=torch.float32, device=user.device)
-    _launch(_sampled_bpr_backward_kernel, user, items, codebooks, samples, weights,
-            coef, grad_user_logits, grad_item_logits, user_logits=user_logits, symmetric=symmetric,
-            temperature=temperature, user_temperature=user_temperature)
-
-    occurrences = samples.flatten().clamp_min(0)
-    grad_item_occurrences, grad_codebooks = project_logit_grad(
-        grad_item_logits, items[occurrences], codebooks, temperature
+    (batch, num_negatives), (num_layers, num_codes, dim) = negatives.shape, codebooks.shape
+    config = launch_config("sample_grads", codes=num_codes, dim=dim, wide=_wide(items, codebooks))
+    row_blocks = triton.cdiv(batch, config["BLOCK_R"])
+    grad_user = torch.empty_like(user)
+    occurrence_grad = items.new_empty((batch, 1 + num_negatives, num_layers, dim), dtype=torch.float32)
+    keys = negatives.new_empty((batch, 1 + num_negatives), dtype=torch.int32)  # items < 2^31
+    codebook_part = codebooks.new_empty((row_blocks, num_layers, num_codes, dim), dtype=torch.float32)
+    _backward_kernel[(row_blocks, num_layers, triton.cdiv(dim, config["BLOCK_G"]))](
+        user, items, codebooks, positives, negatives, weights, summary, user_lse, scores, sigmoid_sums,
+        grad_output.float().contiguous(), counts, total, grad_user, occurrence_grad, keys, codebook_part,
+        batch, num_negatives, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **config,
     )
-    grad_items = torch.zeros(items.shape, dtype=torch.float32, device=items.device)
-    grad_items.index_put_((occurrences,), grad_item_occurrences, accumulate=True)
-    if user_logits:
-        grad_user = grad_user_logits
-    else:
-        grad_user, grad_codebooks_user = project_logit_grad(grad_user_logits, user, codebooks, user_temperature)
-        grad_codebooks = grad_codebooks + grad_codebooks_user
-    return grad_user.to(user.dtype), grad_items.to(items.dtype), grad_codebooks.to(codebooks.dtype)
+    sorted_keys, order = torch.sort(keys.flatten(), stable=True)
+    grad_items = sum_rows_by_sorted_index(occurrence_grad.flatten(0, 1), sorted_keys, order, items.shape[0],
+                                          items.dtype)
+    return grad_user, grad_items, sum_partials(codebook_part, codebooks.dtype)
 
 
 @sampled_bpr_backward.register_fake
-def _(grad_row_sums, user, items, codebooks, samples, weights, scores, *options):
+def _(grad_output, user, items, codebooks, positives, negatives, weights, *saved_and_options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    user, items, codebooks, samples, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, samples, weights, output[1])
-    ctx.mark_non_differentiable(output[1])
+    user, items, codebooks, positives, negatives, weights, *ctx.options = inputs
+    ctx.save_for_backward(user, items, codebooks, positives, negatives, weights, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
 
 
-def _backward(ctx, grad_row_sums, _grad_scores):
-    grads = sampled_bpr_backward(grad_row_sums, *ctx.saved_tensors, *ctx.options)
-    return *grads, None, None, None, None, None, None
+def _backward(ctx, grad_output, *_grad_saved):
+    grads = sampled_bpr_backward(grad_output, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None, None, None, None
 
 
 sampled_bpr_op.register_autograd(_backward, setup_context=_setup_context)
@@ -316,14 +459,13 @@ sampled_bpr_op.register_autograd(_backward, setup_context=_setup_context)
 
 def sampled_bpr(user, items, codebooks, positives, negatives, *, user_logits, symmetric, temperature,
                 user_temperature, layer_weights, reduction):
-    """Distributional BPR against explicit negatives on the Triton kernels (arguments validated).
-
-    user (B, L, d) residuals or (B, L, K) logits, items (N, L, d), codebooks (L, K, d),
-    positives (B,), negatives (B, S) with -1 padding -> float32 scalar, or (B,) for "none".
-    """
-    samples = torch.cat([positives[:, None], negatives], 1).to(torch.int64).contiguous()
-    weights = layer_weights.to(torch.float32).contiguous()
-    row_sums, _ = sampled_bpr_op(user, items, codebooks, samples, weights, user_logits, symmetric,
-                                 temperature, user_temperature)
-    row_counts = (negatives >= 0).sum(1)
-    return torch_backend.reduce_terms(row_sums, row_counts, reduction)
+    """Distributional BPR against explicit negatives on the Triton kernels; arguments validated by
+    the caller. user (B, L, d) residuals or (B, L, K) logits, items (N, L, d), codebooks (L, K, d),
+    positives (B,), negatives (B, S) with -1 padding -> a float32 scalar, or (B,) for "none".
+    Non-contiguous inputs are copied once (the kernels index row-major tensors)."""
+    loss, *_ = sampled_bpr_op(
+        user.contiguous(), items.contiguous(), codebooks.contiguous(), positives.long().contiguous(),
+        negatives.long().contiguous(), layer_weights, user_logits, symmetric, temperature,
+        user_temperature, reduction,
+    )
+    return loss

@@ -1,12 +1,15 @@
 """Soft codebook assignment: log softmax_k(-||x[n,l] - C[l,k]||^2 / tau).
 
-Forward, per tile of rows and one layer: pass 1 streams K tiles of distance logits
-(a tl.dot against the codebook) through an online log-sum-exp; pass 2 recomputes
-each tile and writes a - lse. Backward, from the saved output log P:
+Forward (1 launch): a program owns a block of rows and one layer; an online log-sum-exp streams the
+K tiles of codebook logits (``codebook_logits``: a tl.dot against the codebook) and a second pass
+recomputes each tile and writes a - lse. Backward (2 launches), from the saved output log P and
+G = dLoss/dlog P:
 
-    dLoss/da_k = G_k - P_k sum_j G_j          (G = dLoss/dlog P; sums to 0 over k)
+    dLoss/da_k = G_k - P_k sum_j G_j          (sums to 0 over k)
 
-then onto x and C with ``project_logit_grad``.
+two passes over the K tiles (the row sums of G, then the logit gradient), projected onto the
+residuals and the codebook (``project_into_partial``); a program takes every PROGRAMS-th block of
+rows, so that the codebook partials, summed in a fixed order by ``sum_partials``, stay few.
 """
 
 from __future__ import annotations
@@ -15,60 +18,98 @@ import torch
 import triton
 import triton.language as tl
 
-from ._legacy import (
-    FP32_DOT_PRECISION,
-    block_size,
-    codebook_logits_tile,
-    project_logit_grad,
-    row_log_sum_exp,
+from .common import (
+    LOGIT_PRECISION,
+    codebook_logits,
+    launch_config,
+    load_rows,
+    log_sum_exp,
+    project_into_partial,
+    sum_partials,
 )
 
 
 @triton.jit
-def _codebook_log_softmax_kernel(
-    x_ptr, stride_xn, stride_xl, stride_xd,
-    c_ptr, stride_cl, stride_ck, stride_cd,
-    out_ptr, stride_on, stride_ol, stride_ok,
-    num_rows, num_codes, dim, inv_temperature,
+def _forward_kernel(
+    x_ptr, codebooks_ptr, out_ptr, num_rows, num_layers, num_codes, dim, inv_temperature,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    layer = tl.program_id(1).to(tl.int64)
+    """Grid (row blocks, L). x_ptr: (N, L, d) residuals; codebooks_ptr: (L, K, d); writes
+    out_ptr: (N, L, K) float32 log-probabilities."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < num_rows
-    log_sum_exp = row_log_sum_exp(
-        x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd, c_ptr, layer, stride_cl, stride_ck, stride_cd,
-        num_codes, dim, inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-    )
+    layer = tl.program_id(1)
+    x_layer = x_ptr + layer * dim
+    codebook = codebooks_ptr + layer * num_codes * dim
+    lse = log_sum_exp(x_layer, num_layers * dim, rows, row_mask, codebook, num_codes, dim, inv_temperature, False,
+                      BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
     for k_start in range(0, num_codes, BLOCK_K):
         codes = k_start + tl.arange(0, BLOCK_K)
         code_mask = codes < num_codes
-        logits = codebook_logits_tile(
-            x_ptr, rows, row_mask, stride_xn, stride_xl, stride_xd,
-            c_ptr, layer, codes, code_mask, stride_cl, stride_ck, stride_cd,
-            dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION,
-        )
-        out = out_ptr + rows[:, None] * stride_on + layer * stride_ol + codes[None, :] * stride_ok
-        tl.store(out, logits - log_sum_exp[:, None], mask=row_mask[:, None] & code_mask[None, :])
+        logits = codebook_logits(x_layer, num_layers * dim, rows, row_mask, codebook, codes, code_mask, dim,
+                                 inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        out = out_ptr + rows[:, None] * num_layers * num_codes + layer * num_codes + codes[None, :]
+        tl.store(out, logits - lse[:, None], mask=row_mask[:, None] & code_mask[None, :])
 
 
-def codebook_log_softmax_forward(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
-    num_rows, num_layers, dim = x.shape
-    num_codes = codebooks.shape[1]
-    out = torch.empty((num_rows, num_layers, num_codes), dtype=torch.float32, device=x.device)
-    block_r = block_size(num_rows, high=64)
-    grid = (triton.cdiv(num_rows, block_r), num_layers)
-    _codebook_log_softmax_kernel[grid](
-        x, *x.stride(), codebooks, *codebooks.stride(), out, *out.stride(),
-        num_rows, num_codes, dim, 1.0 / temperature,
-        BLOCK_R=block_r, BLOCK_K=block_size(num_codes), BLOCK_D=block_size(dim, high=64),
-        PRECISION=FP32_DOT_PRECISION,
-    )
-    return out
+@triton.jit
+def _backward_kernel(
+    grad_ptr, log_probs_ptr, x_ptr, codebooks_ptr, grad_x_ptr, codebook_part_ptr,
+    num_rows, num_layers, num_codes, dim, inv_temperature,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (programs, L); a program takes the row blocks program_id(0), + programs, ...
+
+    grad_ptr, log_probs_ptr: (N, L, K) float32 G and log P; x_ptr: (N, L, d); codebooks_ptr:
+    (L, K, d). Writes grad_x_ptr: (N, L, d) in x's dtype; codebook_part_ptr: (programs, L, K, d)
+    float32 the program's partial of the codebook gradient.
+    """
+    program, layer = tl.program_id(0), tl.program_id(1)
+    num_features = num_layers * num_codes
+    codebook = codebooks_ptr + layer * num_codes * dim
+    part = codebook_part_ptr + (program * num_layers + layer) * num_codes * dim
+    offs_d = tl.arange(0, BLOCK_DIM)
+    for block in range(program, tl.cdiv(num_rows, BLOCK_R), tl.num_programs(0)):
+        rows = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_mask = rows < num_rows
+        x = load_rows(x_ptr + layer * dim, num_layers * dim, rows, row_mask, dim, BLOCK_DIM)
+        grad_sum = tl.zeros((BLOCK_R,), tl.float32)
+        grad_x = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
+        for step in range(0, 2):  # 0: sum_k G_k; 1: dLoss/da = G - P sum_k G_k, projected
+            for k_start in range(0, num_codes, BLOCK_K):
+                codes = k_start + tl.arange(0, BLOCK_K)
+                code_mask = codes < num_codes
+                tile_mask = row_mask[:, None] & code_mask[None, :]
+                tile = rows[:, None] * num_features + layer * num_codes + codes[None, :]
+                grad = tl.load(grad_ptr + tile, mask=tile_mask, other=0.0)
+                if step == 0:
+                    grad_sum += tl.sum(grad, axis=1)
+                else:
+                    p = tl.where(tile_mask, tl.exp(tl.load(log_probs_ptr + tile, mask=tile_mask, other=0.0)), 0.0)
+                    grad_logits = 2.0 * inv_temperature * (grad - p * grad_sum[:, None])
+                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
+                    grad_x = project_into_partial(grad_logits, x, c, grad_x, part, codes, code_mask, dim,
+                                                  block == program, PRECISION)
+        out = grad_x_ptr + rows[:, None] * num_layers * dim + layer * dim + offs_d[None, :]
+        tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_d < dim)[None, :])
+        tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
+
+
+def _config(kind: str, x: torch.Tensor, codebooks: torch.Tensor) -> dict:
+    num_codes, dim = codebooks.shape[1:]
+    return launch_config(kind, codes=num_codes, dim=dim, wide=torch.float32 in (x.dtype, codebooks.dtype))
 
 
 @torch.library.custom_op("soda_kernels::codebook_log_softmax", mutates_args=())
 def codebook_log_softmax_op(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
-    return codebook_log_softmax_forward(x, codebooks, temperature)
+    (num_rows, num_layers, dim), num_codes = x.shape, codebooks.shape[1]
+    out = x.new_empty((num_rows, num_layers, num_codes), dtype=torch.float32)
+    config = _config("log_softmax", x, codebooks)
+    _forward_kernel[(triton.cdiv(num_rows, config["BLOCK_R"]), num_layers)](
+        x, codebooks, out, num_rows, num_layers, num_codes, dim, 1.0 / temperature, PRECISION=LOGIT_PRECISION,
+        **config,
+    )
+    return out
 
 
 @codebook_log_softmax_op.register_fake
@@ -81,10 +122,16 @@ def codebook_log_softmax_backward(
     grad_log_probs: torch.Tensor, x: torch.Tensor, codebooks: torch.Tensor, log_probs: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_log_probs = grad_log_probs.float()
-    grad_logits = grad_log_probs - log_probs.exp() * grad_log_probs.sum(-1, keepdim=True)
-    grad_x, grad_c = project_logit_grad(grad_logits, x, codebooks, temperature)
-    return grad_x.to(x.dtype), grad_c.to(codebooks.dtype)
+    (num_rows, num_layers, dim), num_codes = x.shape, codebooks.shape[1]
+    config = _config("log_softmax_grads", x, codebooks)
+    programs = min(config.pop("PROGRAMS"), triton.cdiv(num_rows, config["BLOCK_R"]))  # each with a block at least
+    grad_x = torch.empty_like(x)
+    codebook_part = codebooks.new_empty((programs, num_layers, num_codes, dim), dtype=torch.float32)
+    _backward_kernel[(programs, num_layers)](
+        grad_log_probs.float().contiguous(), log_probs, x, codebooks, grad_x, codebook_part,
+        num_rows, num_layers, num_codes, dim, 1.0 / temperature, PRECISION=LOGIT_PRECISION, **config,
+    )
+    return grad_x, sum_partials(codebook_part, codebooks.dtype)
 
 
 @codebook_log_softmax_backward.register_fake
@@ -102,3 +149,10 @@ def _backward(ctx, grad_log_probs):
 
 
 codebook_log_softmax_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def log_soft_assignment(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax_k(-||x[n,l] - C[l,k]||^2 / tau) on the Triton kernels; arguments validated by the
+    caller. x (N, L, d), codebooks (L, K, d) -> (N, L, K) float32. Non-contiguous inputs are copied
+    once (the kernels index row-major tensors)."""
+    return codebook_log_softmax_op(x.contiguous(), codebooks.contiguous(), temperature)
