@@ -387,6 +387,19 @@ def project_into_partial(grad_logits, x, c, grad_x, part_ptr, codes, code_mask, 
 
 
 @triton.jit
+def store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION: tl.constexpr):
+    """A finishing kernel's last step, from its (BLOCK,) running sums of the rows' terms and term
+    counts: total_ptr () <- T, the number of terms; loss_ptr () <- the terms' sum over max(T, 1)
+    ("mean") or their sum ("sum"); "none" has stored its rows already."""
+    total = tl.sum(count_sum, axis=0)
+    tl.store(total_ptr, total)
+    if REDUCTION == "mean":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
+    if REDUCTION == "sum":
+        tl.store(loss_ptr, tl.sum(term_sum, axis=0))
+
+
+@triton.jit
 def _index_bounds_kernel(first_ptr, first_size, second_ptr, second_size, out_ptr, BLOCK: tl.constexpr):
     """Program p's min and max of each index tensor over the blocks p, p + P, ... (P programs).
 

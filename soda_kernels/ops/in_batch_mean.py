@@ -59,6 +59,7 @@ from .common import (
     project_into_partial,
     sigmoid,
     softplus,
+    store_reduction,
     sum_partials,
     sum_rows_by_sorted_index,
 )
@@ -279,12 +280,7 @@ def _finish_kernel(
             tl.store(loss_ptr + rows, term, mask=mask)
         term_sum += term
         count_sum += has_term
-    total = tl.sum(count_sum, axis=0)
-    tl.store(total_ptr, total)
-    if REDUCTION == "mean":
-        tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
-    if REDUCTION == "sum":
-        tl.store(loss_ptr, tl.sum(term_sum, axis=0))
+    store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION)
 
 
 @triton.jit
