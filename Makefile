@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	touch $@
 
+# tests/ in parallel (pytest-xdist, one worker per core); bench/ in one process, as it times.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests bench -q
+	$(BIN)/python -m pytest tests -q -n auto
+	$(BIN)/python -m pytest bench -q
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench -q

@@ -29,14 +29,15 @@ OPTIONS = [
 ]
 
 
-def inputs(batch=5, num_items=9, layers=3, codes=37, dim=19, samples=4, seed=0, **kwargs):
+def inputs(batch=5, num_items=9, layers=3, codes=21, dim=11, samples=4, seed=0, **kwargs):
     return make_bpr_inputs(batch, num_items, layers, codes, dim, samples=samples,
                            generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=repr)
 def test_every_option_matches_reference(options):
-    # Odd sizes: K = 37 and d = 19 are not powers of two; repeated positives and negatives.
+    # Odd sizes: K = 21 (two of the interpreter's 16-code tiles) and d = 11 are not powers of two;
+    # repeated positives and negatives.
     data = inputs(user_logits=options.get("user_logits", False))
     compare_with_reference(data, "triton", **options)
 
