@@ -306,6 +306,19 @@ def layer_logits(
 
 
 @triton.jit
+def layer_log_probs(
+    src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature, lse,
+    FROM_LOGITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """A (rows, codes) tile of one layer's log-probabilities, ``layer_logits`` - lse (lse: the
+    rows' log-sum-exps, (BLOCK_R,)), 0 on masked rows and codes; arguments as ``layer_logits``."""
+    logits = layer_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
+                          FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+    return tl.where(row_mask[:, None] & code_mask[None, :], logits - lse[:, None], 0.0)
+
+
+@triton.jit
 def log_sum_exp(
     src_ptr, row_stride, rows, row_mask, c_ptr, num_codes, dim, inv_temperature,
     FROM_LOGITS: tl.constexpr,

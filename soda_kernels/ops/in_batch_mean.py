@@ -52,7 +52,7 @@ from .common import (
     LOGIT_PRECISION,
     feature_weights,
     launch_config,
-    layer_logits,
+    layer_log_probs,
     layer_weight,
     load_rows,
     log_sum_exp,
@@ -134,12 +134,10 @@ def _prologue_kernel(
             codes = k_start + tl.arange(0, BLOCK_K)
             code_mask = codes < num_codes
             tile_mask = row_mask[:, None] & code_mask[None, :]
-            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
-                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            a = layer_logits(item_layer, num_layers * dim, positive, row_mask, codebook, codes, code_mask, dim,
-                             inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_q = tl.where(tile_mask, z - lse_q[:, None], 0.0)
-            log_p = tl.where(tile_mask, a - lse_p[:, None], 0.0)
+            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
+                                    dim, inv_user_temperature, lse_q, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_p = layer_log_probs(item_layer, num_layers * dim, positive, row_mask, codebook, codes, code_mask, dim,
+                                    inv_temperature, lse_p, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             feature = positions[:, None] * num_features + layer * num_codes + codes[None, :]
             tl.store(log_q_ptr + feature, log_q, mask=tile_mask)
             tl.store(log_p_ptr + feature, log_p, mask=tile_mask)

@@ -66,7 +66,7 @@ from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
     launch_config,
-    layer_logits,
+    layer_log_probs,
     layer_weight,
     load_rows,
     log_sum_exp,
@@ -138,12 +138,10 @@ def _prologue_kernel(
             codes = k_start + tl.arange(0, BLOCK_K)
             code_mask = codes < num_codes
             tile_mask = row_mask[:, None] & code_mask[None, :]
-            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
-                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            a = layer_logits(item_layer, num_layers * dim, item_rows, row_mask, codebook, codes, code_mask, dim,
-                             inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_q = tl.where(tile_mask, z - lse_q[:, None], 0.0)
-            log_p = tl.where(tile_mask, a - lse_p[:, None], 0.0)
+            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
+                                    dim, inv_user_temperature, lse_q, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            log_p = layer_log_probs(item_layer, num_layers * dim, item_rows, row_mask, codebook, codes, code_mask, dim,
+                                    inv_temperature, lse_p, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             q = tl.where(tile_mask, tl.exp(log_q), 0.0)
             p = tl.where(tile_mask, tl.exp(log_p), 0.0)
             feature = layer * num_codes + codes[None, :]
@@ -404,9 +402,8 @@ def _epilogue_side(
             codes = k_start + tl.arange(0, BLOCK_K)
             code_mask = codes < num_codes
             tile_mask = row_mask[:, None] & code_mask[None, :]
-            logits = layer_logits(src_layer, row_stride, src_rows, row_mask, codebook, codes, code_mask, dim,
-                                  inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_r = tl.where(tile_mask, logits - lse[:, None], 0.0)
+            log_r = layer_log_probs(src_layer, row_stride, src_rows, row_mask, codebook, codes, code_mask, dim,
+                                    inv_temperature, lse, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             r = tl.where(tile_mask, tl.exp(log_r), 0.0)
             first = rows[:, None] * num_features + layer * num_codes + codes[None, :]
             g1 = tl.load(own_grad_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)

@@ -57,7 +57,7 @@ from .common import (
     LOGIT_PRECISION,
     codebook_logits,
     launch_config,
-    layer_logits,
+    layer_log_probs,
     layer_weight,
     load_rows,
     log_sum_exp,
@@ -176,9 +176,8 @@ def _forward_kernel(
             codes = k_start + tl.arange(0, BLOCK_K)
             code_mask = codes < num_codes
             tile_mask = row_mask[:, None] & code_mask[None, :]
-            z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
-                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_q = tl.where(tile_mask, z - lse_z[:, None], 0.0)
+            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
+                                    dim, inv_user_temperature, lse_z, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             q = tl.where(tile_mask, tl.exp(log_q), 0.0)
             for t in range(0, 1 + count):
                 sample = tl.where(t == 0, 0, first + t - 1)
@@ -291,9 +290,8 @@ def _backward_kernel(
         codes = k_start + tl.arange(0, BLOCK_K)
         code_mask = codes < num_codes
         tile_mask = row_mask[:, None] & code_mask[None, :]
-        z = layer_logits(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
-                         inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        log_q = tl.where(tile_mask, z - lse_z[:, None], 0.0)
+        log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
+                                inv_user_temperature, lse_z, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         q = tl.where(tile_mask, tl.exp(log_q), 0.0)
         grad_z = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
         grad_c = tl.zeros((BLOCK_K, BLOCK_G), tl.float32)
@@ -311,9 +309,8 @@ def _backward_kernel(
             m, s, t_p, t_q = _load_summary(summary, valid)
             lse_a, kl, reverse_kl = _divergences(m, s, t_p, t_q)
             sample_mask = valid[:, None] & code_mask[None, :]
-            a = codebook_logits(item_layer, num_layers * dim, item_rows, valid, codebook, codes, code_mask, dim,
-                                inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_p = tl.where(sample_mask, a - lse_a[:, None], 0.0)
+            log_p = layer_log_probs(item_layer, num_layers * dim, item_rows, valid, codebook, codes, code_mask, dim,
+                                    inv_temperature, lse_a, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
             p = tl.where(sample_mask, tl.exp(log_p), 0.0)
             grad_a = p * (log_p - log_q - kl[:, None])
             sample_grad_z = q - p
