@@ -66,8 +66,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 1
     eval_batch_size: int = 256
-    # Stop after this many evaluations without a better validation Recall@10 (None: never).
+    # Stop after this many evaluations without a better validation Recall@10 (None: never), counting
+    # only those after epoch ``min_epochs``: the runs one table compares get the same floor, and a
+    # joint model's alternation (which may lower validation for a while) never ends a run.
     patience: int | None = None
+    min_epochs: int = 0
     log_every: int = 50  # steps between reading the loss back to the host for the progress display
 
 
@@ -80,14 +83,12 @@ def fit(
     resume: bool = False,
     seed: int = 0,
     extra_curves: dict[str, list[float]] | None = None,
-    patience_from: int = 0,
 ) -> dict:
     """Train on split.train, select by validation Recall@10, return and write the metrics:
     {"valid", "test": metrics of the best checkpoint, "ranks": {"valid", "test": each user's rank
     of its target, −1 outside the top 10}, "best_epoch", "epochs": the epochs trained}.
 
-    Early stopping counts only the evaluations after epoch ``patience_from`` (0-based): a joint
-    model's alternation may lower validation for a while, its frozen-tokenizer phase not.
+    Early stopping counts only the evaluations after epoch ``config.min_epochs``.
     Writes ``out_dir/{best.pt, last.pt, metrics.json, curves.png}``; with ``resume`` it
     continues from ``last.pt`` where one exists. Under torchrun it trains data-parallel, each
     global batch split across the ranks, rank 0 evaluating and writing (soda/distributed.py).
@@ -112,7 +113,7 @@ def fit(
         print(f"resuming {out_dir} after epoch {state['epoch']}")
 
     for epoch in range(state["epoch"], config.epochs):
-        if patience_exhausted(state, config.patience, patience_from):
+        if patience_exhausted(state, config.patience, config.min_epochs):
             if distributed.is_main():
                 print(
                     f"early stop after epoch {epoch}: best validation {SELECTION_METRIC} at epoch "
@@ -170,12 +171,12 @@ def fit(
     return distributed.from_main(result)
 
 
-def patience_exhausted(state: dict, patience: int | None, patience_from: int = 0) -> bool:
-    """Whether ``patience`` evaluations after epoch max(best epoch, ``patience_from``) have passed
+def patience_exhausted(state: dict, patience: int | None, min_epochs: int = 0) -> bool:
+    """Whether ``patience`` evaluations after epoch max(best epoch, ``min_epochs``) have passed
     without a better validation Recall@10 (never, with ``patience`` None)."""
     if patience is None:
         return False
-    since = max(state["best"]["epoch"], patience_from)
+    since = max(state["best"]["epoch"], min_epochs)
     return sum(row["epoch"] > since for row in state["valid"]) >= patience
 
 

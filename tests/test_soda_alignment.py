@@ -186,6 +186,26 @@ def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, 
     assert len(torch.load(tmp_path / "last.pt")["state"]["train_loss"]) == 2
 
 
+class Captured(Exception):
+    """Raised by a stand-in for ``fit`` once it has seen the TrainConfig the recipe chose."""
+
+
+@pytest.mark.parametrize("floor", [1, 6])
+def test_no_run_stops_before_the_floor_and_no_joint_run_mid_alternation(tiny_recipe, tmp_path, monkeypatch, floor):
+    def capture(model, split, config, *args):
+        raise Captured(config)
+
+    monkeypatch.setattr(soda.recipes, "fit", capture)
+    base = replace(tiny_recipe, train=replace(tiny_recipe.train, patience=2, min_epochs=floor))
+    chosen, recommender_side = {}, replace(TINY_SODA, side="recommender")
+    for name, soda_config in (("plain", None), ("joint", TINY_SODA), ("recommender", recommender_side)):
+        with pytest.raises(Captured) as captured:
+            train_generative("tiger", "cycle", replace(base, soda=soda_config), tmp_path / name, torch.device("cpu"))
+        chosen[name] = captured.value.args[0].min_epochs
+    # the tiny schedule alternates epochs 1-4; on the recommender's side alone the tokenizer never trains
+    assert chosen == {"plain": floor, "joint": max(floor, 4), "recommender": floor}
+
+
 @pytest.mark.parametrize("variant", JOINT_VARIANTS)
 def test_codes_are_rederived_after_a_tokenizer_epoch(variant):
     initial = train_tiny_soda("torch", epochs=0, variant=variant).recommender.item_tokens.clone()

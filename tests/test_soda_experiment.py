@@ -96,7 +96,7 @@ def test_the_converged_preset_keeps_its_own_records_and_table(tmp_path, monkeypa
     presets = []
 
     def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir):
-        presets.append(config.train.patience)
+        presets.append((config.train.patience, config.train.min_epochs, config.sasrec_train.min_epochs))
         return fake_metrics(random.Random(seed))
 
     monkeypatch.setattr(experiment, "train_generative", train_generative)
@@ -104,7 +104,7 @@ def test_the_converged_preset_keeps_its_own_records_and_table(tmp_path, monkeypa
     arguments += ["--only", "letter", "letter+soda", "--out", str(tmp_path / "o"), "--results", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["soda", *arguments])
     soda_main.main()
-    assert presets == [5, 5]  # early stopping on
+    assert presets == [(5, 10, 10)] * 2  # early stopping on, after the same floor for every model
     records = sorted(path.name for path in (tmp_path / "ml-100k" / "cpu-converged").iterdir())
     assert records == ["letter+soda-seed0.json", "letter-seed0.json"]
     assert "preset cpu-converged" in (tmp_path / "ml-100k-cpu-converged.md").read_text()

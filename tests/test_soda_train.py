@@ -144,11 +144,11 @@ def test_early_stopping_stops_after_patience_evaluations_and_tests_the_best_epoc
     )
 
 
-def test_patience_counts_only_from_the_frozen_phase(tmp_path):
+def test_patience_counts_only_the_evaluations_after_min_epochs(tmp_path):
     quality = [0.5, 0.2, 0.2, 0.2, 0.3, 0.4, 0.3, 0.3, 0.3]  # the alternation (epochs 1-4) falls, then recovers
     model = Scripted(quality)
-    config = TrainConfig(epochs=9, batch_size=64, warmup_steps=1, patience=2)
-    result = fit(model, cyclic_split(), config, tmp_path, torch.device("cpu"), patience_from=4)
+    config = TrainConfig(epochs=9, batch_size=64, warmup_steps=1, patience=2, min_epochs=4)
+    result = fit(model, cyclic_split(), config, tmp_path, torch.device("cpu"))
     # epochs 5 and 6 are the first two evaluations that count; neither beats epoch 1, so it stops
     assert model.started == [0, 1, 2, 3, 4, 5] and result["best_epoch"] == 1
 
