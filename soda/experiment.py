@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def run_all(
         if all(record_path(records_dir, name, seed).exists() for name in row_names([run])):
             continue
         print(f"== {run.name}, seed {seed}", flush=True)
-        start = time.perf_counter()
         run_config = replace(config, soda=run.soda)
         run_dir = out_dir / dataset / preset / record_path(records_dir, run.name, seed).stem
         common = dict(config=run_config, device=device, seed=seed, resume=True, data_dir=data_dir)
@@ -120,13 +118,11 @@ def run_all(
             results = train_baselines(dataset, out_dir=run_dir, **common)
         else:
             results = {run.name: train_generative(run.backbone, dataset, out_dir=run_dir, **common)}
-        minutes = (time.perf_counter() - start) / 60
         for name, result in results.items():  # baselines: one record per model
             record = {
                 "run": name,
                 "seed": seed,
-                "minutes": minutes / len(results),
-                **{key: result[key] for key in ("valid", "test", "best_epoch", "epochs") if key in result},
+                **{key: result[key] for key in ("minutes", "valid", "test", "best_epoch", "epochs") if key in result},
                 # the tokenizer's code statistics, before and (joint runs) after training
                 **{key: result[key] for key in ("tokenizer", "tokenizer_final") if key in result},
                 "config": asdict(run_config),

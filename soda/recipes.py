@@ -9,6 +9,7 @@ four-epoch budget) and the CPU reproduction at convergence ("cpu-converged", ear
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -226,8 +227,10 @@ def train_baselines(
     """MostPop and SASRec on the same split; writes out_dir/{mostpop,sasrec}/metrics.json."""
     torch.manual_seed(seed)
     dataset, split = prepare_split(dataset_name, data_dir, config)
+    started = time.perf_counter()
     mostpop = MostPop(split.train, dataset.num_items)
     results = {"mostpop": evaluate_split(mostpop, split, config.sasrec_train.eval_batch_size, torch.device("cpu"))}
+    results["mostpop"]["minutes"] = (time.perf_counter() - started) / 60  # counting and ranking
     write_metrics(out_dir / "mostpop", results["mostpop"])
     _, results["sasrec"] = train_sasrec(dataset.num_items, split, config, out_dir / "sasrec", device, resume, seed)
     return results

@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Protocol
 
 import torch
@@ -86,7 +87,8 @@ def fit(
 ) -> dict:
     """Train on split.train, select by validation Recall@10, return and write the metrics:
     {"valid", "test": metrics of the best checkpoint, "ranks": {"valid", "test": each user's rank
-    of its target, −1 outside the top 10}, "best_epoch", "epochs": the epochs trained}.
+    of its target, −1 outside the top 10}, "best_epoch", "epochs": the epochs trained, "minutes":
+    their training and validation, summed over every process that trained them (resumes)}.
 
     Early stopping counts only the evaluations after epoch ``config.min_epochs``.
     Writes ``out_dir/{best.pt, last.pt, metrics.json, curves.png}``; with ``resume`` it
@@ -104,12 +106,13 @@ def fit(
         "train_loss": [],
         "valid": [],
         "best": {"epoch": 0, SELECTION_METRIC: -1.0},
+        "seconds": 0.0,
     }
     if resume and (out_dir / "last.pt").exists():
         checkpoint = torch.load(out_dir / "last.pt", map_location=device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
+        state = {"seconds": 0.0, **checkpoint["state"]}  # checkpoints from before timing: from here on
         print(f"resuming {out_dir} after epoch {state['epoch']}")
 
     for epoch in range(state["epoch"], config.epochs):
@@ -121,6 +124,7 @@ def fit(
                     flush=True,
                 )
             break
+        started = perf_counter()
         model.train()
         model.start_epoch(epoch)
         order = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -152,6 +156,7 @@ def fit(
             if valid[SELECTION_METRIC] > state["best"][SELECTION_METRIC]:
                 state["best"] = {"epoch": epoch + 1, SELECTION_METRIC: valid[SELECTION_METRIC]}
                 save_atomic({"model": model.state_dict()}, out_dir / "best.pt")
+        state["seconds"] += perf_counter() - started
         state = distributed.from_main(state)  # rank 0's evaluations, for every rank's early stopping
         save_atomic(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
@@ -165,7 +170,7 @@ def fit(
     result = None
     if distributed.is_main():
         result = evaluate_split(model, split, config.eval_batch_size, device)
-        result.update(best_epoch=state["best"]["epoch"], epochs=state["epoch"])
+        result.update(best_epoch=state["best"]["epoch"], epochs=state["epoch"], minutes=state["seconds"] / 60)
         write_metrics(out_dir, result)
         plot_curves(out_dir / "curves.png", state, extra_curves or {})
     return distributed.from_main(result)

@@ -19,12 +19,12 @@ USERS = 50
 
 
 def fake_metrics(rng: random.Random) -> dict:
-    """What a run returns: metrics, each user's rank (recall@10 agreeing with the ranks), epochs."""
+    """What a run returns: metrics, each user's rank (recall@10 agreeing with the ranks), epochs, minutes."""
     ranks = [rng.choice([-1, -1, 0, 3, 7, 12]) if rng.random() < 0.9 else 2 for _ in range(USERS)]
     ranks = [rank if rank < 10 else -1 for rank in ranks]
     metrics = {split: {name: rng.random() for name in METRICS} for split in ("valid", "test")}
     metrics["test"]["recall@10"] = sum(0 <= rank < 10 for rank in ranks) / USERS
-    return {**metrics, "ranks": {"valid": ranks, "test": ranks}, "best_epoch": 3, "epochs": 8}
+    return {**metrics, "ranks": {"valid": ranks, "test": ranks}, "best_epoch": 3, "epochs": 8, "minutes": rng.random()}
 
 
 def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
@@ -63,6 +63,10 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     record = json.loads((records / "tiger+soda-seed0.json").read_text())
     assert "codes_changed" in record["tokenizer_final"] and len(record["ranks"]["test"]) == USERS
     assert (record["best_epoch"], record["epochs"]) == (3, 8)
+    rows = summary["rows"]["tiger+soda"]  # each record's minutes are its run's own (from fit), not this process's
+    assert rows["minutes"]["mean"] == statistics.fmean(
+        json.loads((records / f"tiger+soda-seed{s}.json").read_text())["minutes"] for s in (0, 1)
+    )
     assert "tokenizer_final" not in json.loads((records / "sasrec-seed0.json").read_text())
     table = (tmp_path / "results" / "toy.md").read_text()
     assert "| tiger+soda | 2/2 |" in table and json.loads((tmp_path / "results" / "toy.json").read_text()) == summary

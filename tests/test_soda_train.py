@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import soda.train
 from soda.baselines import MostPop, SASRec, SASRecConfig
 from soda.data import SequentialDataset, leave_one_out
 from soda.progress import Progress
@@ -151,6 +152,20 @@ def test_patience_counts_only_the_evaluations_after_min_epochs(tmp_path):
     result = fit(model, cyclic_split(), config, tmp_path, torch.device("cpu"))
     # epochs 5 and 6 are the first two evaluations that count; neither beats epoch 1, so it stops
     assert model.started == [0, 1, 2, 3, 4, 5] and result["best_epoch"] == 1
+
+
+def test_minutes_sum_every_process_that_trained_the_run(tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 30))  # every reading 30 s after the last: 30 s an epoch
+    monkeypatch.setattr(soda.train, "perf_counter", lambda: next(clock))
+    config = TrainConfig(epochs=2, batch_size=64, warmup_steps=1)
+    assert fit(Scripted([0.5] * 4), cyclic_split(), config, tmp_path, torch.device("cpu"))["minutes"] == 1.0
+    resumed = fit(Scripted([0.5] * 4), cyclic_split(), replace(config, epochs=4), tmp_path, torch.device("cpu"), True)
+    assert resumed["minutes"] == 2.0  # two epochs before the resume, two after
+    checkpoint = torch.load(tmp_path / "last.pt")
+    del checkpoint["state"]["seconds"]  # a checkpoint from before the timing counts from its resume
+    torch.save(checkpoint, tmp_path / "last.pt")
+    resumed = fit(Scripted([0.5] * 5), cyclic_split(), replace(config, epochs=5), tmp_path, torch.device("cpu"), True)
+    assert resumed["minutes"] == 0.5
 
 
 def test_fit_reads_the_loss_back_every_log_every_steps_not_every_step(tmp_path, monkeypatch):
