@@ -16,7 +16,7 @@ from soda.baselines import SASRecConfig
 from soda.data import SequentialDataset
 from soda.etegrec import ETEGRecConfig
 from soda.letter import LETTERConfig
-from soda.recipes import PRESETS, RunConfig, train_generative
+from soda.recipes import PRESETS, RunConfig, train_baselines, train_generative
 from soda.recommender import RecommenderConfig
 from soda.tokenizer import RQVAE, TokenizerConfig
 from soda.train import TrainConfig, fit
@@ -184,6 +184,15 @@ def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, 
     config = replace(config, train=replace(config.train, epochs=2))
     train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"), resume=True)
     assert len(torch.load(tmp_path / "last.pt")["state"]["train_loss"]) == 2
+
+
+def test_baselines_train_through_the_recipe_and_report_their_minutes(tiny_recipe, tmp_path):
+    results = train_baselines("cycle", tiny_recipe, tmp_path, torch.device("cpu"))
+    assert set(results) == {"mostpop", "sasrec"}
+    for name, result in results.items():
+        assert 0 < result["minutes"] < 5 and len(result["ranks"]["test"]) == len(cyclic_split().test)
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["test"] == result["test"]
+    assert results["sasrec"]["epochs"] == tiny_recipe.sasrec_train.epochs
 
 
 class Captured(Exception):
