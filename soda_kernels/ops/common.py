@@ -445,12 +445,13 @@ def index_bounds(first: torch.Tensor, second: torch.Tensor | None = None) -> lis
     config = launch_config("bounds")
     programs = config.pop("PROGRAMS")
     out = torch.empty((programs, 2, 2), dtype=torch.int64, device=first.device)
-    tensors = [t.reshape(-1) for t in (first, second) if t is not None]
-    second = tensors[1] if len(tensors) == 2 else None
-    _index_bounds_kernel[(programs,)](tensors[0], tensors[0].numel(), second, 0 if second is None else second.numel(),
-                                      out, **config)
+    flat_first = first.reshape(-1)
+    flat_second = None if second is None else second.reshape(-1)
+    _index_bounds_kernel[(programs,)](flat_first, flat_first.numel(),
+                                      flat_second, 0 if flat_second is None else flat_second.numel(), out, **config)
     per_program = out.tolist()
-    return [(min(p[t][0] for p in per_program), max(p[t][1] for p in per_program)) for t in range(len(tensors))]
+    given = 1 if second is None else 2
+    return [(min(p[t][0] for p in per_program), max(p[t][1] for p in per_program)) for t in range(given)]
 
 
 @triton.jit
