@@ -11,8 +11,10 @@ seed lands together. Every finished run leaves a small record,
 ``results/<dataset>/<preset>/<run>-seed<s>.json`` (its metrics, each test and validation user's
 rank of its target, its tokenizer's code statistics, configuration, epochs and minutes), which is
 committed with the repository; a run whose record exists is skipped, and a stopped run continues
-from its checkpoint under ``--out``. After each run the summary tables are rewritten from all
-records (``table_stem``):
+from its checkpoint under ``--out``. The runs of a seed that need a SASRec (LETTER's CF embeddings,
+ETEGRec's tokenizer input) take the baselines' SASRec of that seed, trained once by whichever run
+comes first, so a base run and its +SODA run start from the same item embeddings. After each run
+the summary tables are rewritten from all records (``table_stem``):
 
     results/<dataset>[-<preset>].md, .json            experiment: mean ± std over seeds, and each
                                                       SODA row against its base: the change per
@@ -112,12 +114,16 @@ def run_all(
             continue
         print(f"== {run.name}, seed {seed}", flush=True)
         run_config = replace(config, soda=run.soda)
-        run_dir = out_dir / dataset / preset / record_path(records_dir, run.name, seed).stem
+        preset_dir = out_dir / dataset / preset
+        run_dir = preset_dir / record_path(records_dir, run.name, seed).stem
         common = dict(config=run_config, device=device, seed=seed, resume=True, data_dir=data_dir)
         if run.backbone == "baselines":
             results = train_baselines(dataset, out_dir=run_dir, **common)
-        else:
-            results = {run.name: train_generative(run.backbone, dataset, out_dir=run_dir, **common)}
+        else:  # LETTER's and ETEGRec's SASRec: the baselines' of this seed, one SASRec for them all
+            sasrec_dir = preset_dir / record_path(records_dir, "baselines", seed).stem / "sasrec"
+            results = {
+                run.name: train_generative(run.backbone, dataset, out_dir=run_dir, sasrec_dir=sasrec_dir, **common)
+            }
         for name, result in results.items():  # baselines: one record per model
             record = {
                 "run": name,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from soda.alignment import RECOMMENDER, SODA, Schedule, SODAConfig
-from soda.atomic import save_atomic
+from soda.atomic import exclusive, save_atomic
 from soda.baselines import MostPop, SASRec, SASRecConfig
 from soda.data import SequentialDataset, Split, k_core, leave_one_out, load_dataset
 from soda.embeddings import item_embeddings
@@ -118,6 +118,7 @@ def train_generative(
     seed: int = 0,
     resume: bool = False,
     data_dir: str | None = None,
+    sasrec_dir: Path | None = None,
 ) -> dict:
     """One generative recommender end to end; returns (and writes to out_dir/metrics.json) what
     ``fit`` returns, with its tokenizer's code statistics.
@@ -132,6 +133,8 @@ def train_generative(
     With ``config.soda`` SODA's term joins: on TIGER and LETTER as joint training on
     ``joint_schedule`` (LETTER's tokenizer epochs keep its losses), on ETEGRec next to SIA and PSA.
     With ``resume`` the tokenizer, the SASRec embeddings and the recommender continue from out_dir.
+    ``sasrec_dir`` is where the SASRec of LETTER and ETEGRec trains (default out_dir/sasrec), or with
+    ``resume`` is found: runs that name the same one share it, trained once (``train_sasrec``).
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
@@ -141,7 +144,10 @@ def train_generative(
     embeddings = item_embeddings(dataset.name, dataset.item_texts)
     regularizer = None
     if backbone == "letter" or (backbone == "etegrec" and config.etegrec.item_embeddings == "sasrec"):
-        cf_embeddings = collaborative_embeddings(dataset.num_items, split, config, out_dir, device, seed, resume)
+        sasrec_dir = out_dir / "sasrec" if sasrec_dir is None else sasrec_dir
+        cf_embeddings = collaborative_embeddings(
+            dataset.num_items, split, config, out_dir, sasrec_dir, device, seed, resume
+        )
         if backbone == "letter":
             regularizer = LETTERLosses(cf_embeddings, config.tokenizer.latent_dim, config.letter)
         else:
@@ -194,14 +200,21 @@ def pretrain_tokenizer(tokenizer: RQVAE, embeddings: torch.Tensor, path: Path, r
 
 
 def collaborative_embeddings(
-    num_items: int, split: Split, config: RunConfig, out_dir: Path, device: torch.device, seed: int, resume: bool
+    num_items: int,
+    split: Split,
+    config: RunConfig,
+    out_dir: Path,
+    sasrec_dir: Path,
+    device: torch.device,
+    seed: int,
+    resume: bool,
 ) -> torch.Tensor:
-    """The item embeddings (N, hidden) of a SASRec trained on the split (in out_dir/sasrec): LETTER's
+    """The item embeddings (N, hidden) of a SASRec trained on the split (in sasrec_dir): LETTER's
     CF embeddings, ETEGRec's tokenizer input. Kept in out_dir/collaborative.pt for ``resume``."""
     path = out_dir / "collaborative.pt"
     if resume and path.exists():
         return torch.load(path)
-    sasrec, _ = train_sasrec(num_items, split, config, out_dir / "sasrec", device, resume, seed)
+    sasrec, _ = train_sasrec(num_items, split, config, sasrec_dir, device, resume, seed)
     cf_embeddings = sasrec.item_embedding.weight[1:].detach().cpu()
     save_atomic(cf_embeddings, path)
     return cf_embeddings
@@ -210,9 +223,11 @@ def collaborative_embeddings(
 def train_sasrec(
     num_items: int, split: Split, config: RunConfig, out_dir: Path, device: torch.device, resume: bool, seed: int
 ) -> tuple[SASRec, dict]:
-    """SASRec (config.sasrec, config.sasrec_train) fitted on the split: the model at its best epoch, its metrics."""
+    """SASRec (config.sasrec, config.sasrec_train) fitted on the split: the model at its best epoch, its
+    metrics. One process at a time trains in out_dir; with ``resume`` the next finds the run finished."""
     sasrec = SASRec(num_items, replace(config.sasrec, max_history=config.max_history))
-    return sasrec, fit(sasrec, split, config.sasrec_train, out_dir, device, resume, seed)
+    with exclusive(out_dir):
+        return sasrec, fit(sasrec, split, config.sasrec_train, out_dir, device, resume, seed)
 
 
 def train_baselines(

@@ -2,6 +2,7 @@
 and switch, and tiny runs of every backbone x SODA through the recipe the CLI uses."""
 
 import argparse
+import fcntl
 import json
 import math
 from dataclasses import replace
@@ -12,6 +13,7 @@ import torch
 import soda.recipes
 from soda.__main__ import build_parser, configure
 from soda.alignment import RECOMMENDER, TOKENIZER, Schedule, SODAConfig
+from soda.atomic import exclusive
 from soda.baselines import SASRecConfig
 from soda.data import SequentialDataset
 from soda.etegrec import ETEGRecConfig
@@ -184,6 +186,35 @@ def test_letter_trains_sasrec_once_and_resumes_from_its_embeddings(tiny_recipe, 
     config = replace(config, train=replace(config.train, epochs=2))
     train_generative("letter", "cycle", config, tmp_path, torch.device("cpu"), resume=True)
     assert len(torch.load(tmp_path / "last.pt")["state"]["train_loss"]) == 2
+
+
+def test_runs_that_name_one_sasrec_train_it_once_and_share_its_embeddings(tiny_recipe, tmp_path):
+    # the experiment's way: LETTER and ETEGRec of a seed take the baselines' SASRec of that seed
+    config = replace(tiny_recipe, train=replace(tiny_recipe.train, epochs=1))
+    shared = tmp_path / "baselines" / "sasrec"
+    train_generative(
+        "letter", "cycle", config, tmp_path / "letter", torch.device("cpu"), resume=True, sasrec_dir=shared
+    )
+    trained = (shared / "last.pt").stat().st_mtime_ns
+    assert len(torch.load(shared / "last.pt")["state"]["train_loss"]) == tiny_recipe.sasrec_train.epochs
+    assert not (tmp_path / "letter" / "sasrec").exists()
+    train_generative(
+        "etegrec", "cycle", config, tmp_path / "etegrec", torch.device("cpu"), resume=True, sasrec_dir=shared
+    )
+    results = train_baselines("cycle", config, tmp_path / "baselines", torch.device("cpu"), resume=True)
+    assert (shared / "last.pt").stat().st_mtime_ns == trained  # found finished: no epoch trained again
+    assert results["sasrec"]["epochs"] == tiny_recipe.sasrec_train.epochs
+    letter, etegrec = (torch.load(tmp_path / run / "collaborative.pt") for run in ("letter", "etegrec"))
+    assert torch.equal(letter, etegrec)
+
+
+def test_exclusive_holds_a_directory_for_one_holder_at_a_time(tmp_path):
+    with exclusive(tmp_path / "run"):
+        with open(tmp_path / "run" / ".lock") as other:  # another open file: another process's view
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "run" / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end of the block
 
 
 def test_baselines_train_through_the_recipe_and_report_their_minutes(tiny_recipe, tmp_path):

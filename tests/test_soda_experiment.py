@@ -31,9 +31,10 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     rng = random.Random(0)
     calls = []
 
-    def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir):
+    def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir, sasrec_dir):
         calls.append((backbone, config.soda is not None, seed))
         assert resume and out_dir.parent == tmp_path / "runs" / "toy" / "cpu"
+        assert sasrec_dir == out_dir.parent / f"baselines-seed{seed}" / "sasrec"  # the baselines' SASRec
         return {**fake_metrics(rng), "tokenizer_final": {"codes_changed": rng.random()}}
 
     def train_baselines(dataset, config, out_dir, device, seed, resume, data_dir):
@@ -99,7 +100,7 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
 def test_the_converged_preset_keeps_its_own_records_and_table(tmp_path, monkeypatch):
     presets = []
 
-    def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir):
+    def train_generative(backbone, dataset, config, out_dir, device, seed, resume, data_dir, sasrec_dir):
         presets.append((config.train.patience, config.train.min_epochs, config.sasrec_train.min_epochs))
         return fake_metrics(random.Random(seed))
 
