@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--preset",
             default=preset,
             choices=sorted(PRESETS),
-            help="sizes and budgets (soda/recipes.py)" + ("; default: gpu on CUDA, cpu otherwise" if preset is None else ""),
+            help="sizes and budgets (soda/recipes.py)" + ("" if preset else "; default: gpu on CUDA, cpu otherwise"),
         )
         command.add_argument(
             "--epochs",

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-
 from soda.extras import installed
 
 INTERVAL_S = 30.0
