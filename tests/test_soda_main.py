@@ -161,3 +161,11 @@ def test_a_missing_package_gives_one_line_and_writes_nothing(args, package, tmp_
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"needs the package {package}: pip install" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_epochs_leave_the_rqvae_pretraining_to_its_own_option():
+    parser = soda.__main__.build_parser()
+    config = soda.__main__.configure(parser.parse_args(["train", "--epochs", "1"]))
+    assert (config.train.epochs, config.tokenizer.epochs) == (1, soda.recipes.PRESETS["tiger"].tokenizer.epochs)
+    config = soda.__main__.configure(parser.parse_args(["train", "--epochs", "1", "--rqvae-epochs", "5"]))
+    assert (config.train.epochs, config.tokenizer.epochs) == (1, 5)
