@@ -21,8 +21,8 @@ call is reported apart, as ``first_call_s`` / "compile s").
   one case past 2^31 elements (int64 offsets), then compile-default case by case while the budget
   lasts.
 * **3, the compile modes** (300 s): Triton at the headline and the B sweep for the ratios, then
-  max-autotune-no-cudagraphs (its compile about 210 s on an H100 at the headline, 2026-11-23; the
-  sweep shares one compile with the batch axis dynamic), then reduce-overhead in what is left.
+  reduce-overhead (a compile of about 30 s), then max-autotune-no-cudagraphs (about 210 s at the
+  headline on an H100, 2026-11-23); each mode compiles once for the sweep, its batch axis dynamic.
 * **tests** (180 s): the CUDA test suite (not the model package's, whose datasets are not there),
   spread over the cores with pytest-xdist where installed.
 
@@ -440,7 +440,7 @@ def stage_plan(name: str, dry_run: bool = False) -> list[tuple[Case, str]]:
         sweep = [runnable(case, dry_run) for case in sweep_cases()]
         return [
             (case, contender)
-            for contender in ("triton", "compile-max-autotune", "compile-reduce-overhead")
+            for contender in ("triton", "compile-reduce-overhead", "compile-max-autotune")
             for case in sweep
         ]
     return []
