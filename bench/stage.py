@@ -52,6 +52,7 @@ import re  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -66,7 +67,7 @@ from bench.cases import (  # noqa: E402
     in_batch_sweep,
     make_inputs,
 )
-from bench.launches import TRITON_RANGE, _is_device_kernel, triton_launch_ranges  # noqa: E402
+from bench.launches import TRITON_RANGE, is_device_kernel, triton_launch_ranges  # noqa: E402
 from bench.measure import DEVICE, Budget, Outcome, median_ms, rel_err, run_contender  # noqa: E402
 from bench.report import Results, device_name, launches_shown, records_table, run_stem  # noqa: E402
 from bench.roofline import floor_ms, kernel_work, measure_ceilings  # noqa: E402
@@ -94,6 +95,7 @@ PAIRWISE_MAX_ROWS = 1024  # pairwise_kl: M x (M - 3) pairs, its (M, B) output at
 # (9 GiB in float32); its last rows, whose offsets need int64, are checked against float64.
 LARGE = Case("both", 2**31 // (4 * 256) + 16, layers=4, codes=256, dim=32)
 LARGE_TAIL_ROWS = 2048
+LARGE_SHARE = 30 / 300  # of stage 2's budget: what its quick contenders leave for the large case
 CHECKS_SHARE = 75 / 180  # of stage 1's budget: the correctness checks end this far into it
 PROFILE_SHARE = 20 / 180  # of stage 1's budget: what its quick contenders leave for the profile
 PROFILE_STEPS = 5 if GPU else 1  # the interpreter runs a step in seconds
@@ -331,7 +333,7 @@ def kernel_times(step: Callable[[], None]) -> dict[str, list[float]]:
             torch.cuda.synchronize()
     times: dict[str, list[float]] = {}
     for event in prof.events():
-        if GPU and _is_device_kernel(event):
+        if GPU and is_device_kernel(event):
             name = event.name
         elif not GPU and event.name.startswith(TRITON_RANGE):
             name = event.name.removeprefix(TRITON_RANGE)
@@ -457,10 +459,9 @@ def verdict(ctx: Context) -> None:
 def grid(ctx: Context) -> None:
     plan = stage_plan("2", ctx.dry_run)
     quick = [(case, name) for case, name in plan if not name.startswith("compile")]
-    budget = ctx.budget()
-    run_contenders(ctx, quick, budget)
+    run_contenders(ctx, quick, ctx.budget((1 - LARGE_SHARE) * ctx.budget_s))
     run_large(ctx)
-    run_contenders(ctx, [pair for pair in plan if pair not in quick], budget)
+    run_contenders(ctx, [pair for pair in plan if pair not in quick], ctx.budget())
 
 
 def compile_modes(ctx: Context) -> None:
@@ -680,18 +681,22 @@ def main(argv: list[str] | None = None) -> Context | None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = run_stem(args.out, DEVICE).with_name(f"{run_stem(args.out, DEVICE).name}-stage-{args.stage}")
     ctx = Context(args.stage, stage, args.out, stem, args.dry_run, time.monotonic(), budget_override_s=args.budget_s)
-    stdout, sys.stdout = sys.stdout, Tee(stem.with_suffix(".log"))
+    stdout, sys.stdout = sys.stdout, (tee := Tee(stem.with_suffix(".log")))
     try:
         print("\n".join(plan_lines(args.stage, args.dry_run)), flush=True)
         print(f"stage: {device_name(DEVICE)}, torch {torch.__version__}", flush=True)
         if stage.command:
             run_command(ctx)
-            return ctx
-        ctx.results = Results(stem, DEVICE, f"stage {args.stage}", ctx.budget_s, measure_ceilings(DEVICE))
-        stage.run(ctx)
-        print("\n".join(summary(ctx)), flush=True)
+        else:
+            ctx.results = Results(stem, DEVICE, f"stage {args.stage}", ctx.budget_s, measure_ceilings(DEVICE))
+            stage.run(ctx)
+            print("\n".join(summary(ctx)), flush=True)
+    except BaseException:
+        traceback.print_exc(file=tee.file)  # into the log too (the terminal gets it from Python)
+        raise
     finally:
         sys.stdout = stdout
+        tee.file.close()
     return ctx
 
 
