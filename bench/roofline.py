@@ -11,7 +11,7 @@ FLOPs (every one of them matrix-product shaped, so counted at the tensor-core ra
 Rates: the residual-codebook products at the input dtype's fastest rate (bf16 tensor cores for 16-bit
 inputs, tf32 for float32); the score products at the bf16 rate for 16-bit inputs (bf16 operands meet
 their accuracy target) and at a third of it for float32 inputs (three bf16 products, bf16x3, are the
-least that meets the float32 target; README "Precision"). Bytes: every input read once and every
+least that meets the float32 target; docs/precision.md). Bytes: every input read once and every
 gradient written once. The floor is the larger of FLOPs / rate and bytes / copy bandwidth;
 elementwise work (exp, log, softplus) is not counted, so the floor is optimistic.
 """
