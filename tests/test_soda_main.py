@@ -68,18 +68,24 @@ def test_main_job_trains_tiger_and_tiger_soda_through_the_library_and_gives_the_
     assert "| tiger+soda |" in log and lines[last_row + 3] in log and "epoch 1:" in log  # progress and the table
 
 
-def test_verdict_reads_the_committed_tables_and_records():
-    experiment = json.loads((REPOSITORY_RESULTS / "ml-100k-cpu-converged.json").read_text())
-    ablation = json.loads((REPOSITORY_RESULTS / "ml-100k-cpu-converged-ablation.json").read_text())
-    soda_row, control = experiment["comparisons"]["tiger+soda"], ablation["comparisons"]["tiger+soda weight=0"]
-    first, second = converged_verdict()
-    recalls = soda_row["variant_recall@10"], soda_row["base_recall@10"]
-    assert f"tiger+soda Recall@10 {recalls[0]:.4f} against tiger {recalls[1]:.4f}" in first
-    assert f"{100 * soda_row['bootstrap']['low']:+.0f}% to {100 * soda_row['bootstrap']['high']:+.0f}%" in first
-    assert f"{control['variant_recall@10']:.4f}, {100 * control['change']:+.0f}%" in second
+def test_verdict_reads_the_converged_records(tmp_path):
+    records_dir = tmp_path / "ml-100k" / "cpu-converged"
+    records_dir.mkdir(parents=True)
+    hits = {"tiger": 4, "tiger+soda": 6, "tiger+soda weight=0": 5}  # of 10 test users, each seed
+    for name, count in hits.items():
+        for seed in (0, 1):
+            ranks = [0] * count + [-1] * (10 - count)
+            record = {"run": name, "seed": seed, "test": {"recall@10": count / 10}, "ranks": {"test": ranks}}
+            (records_dir / f"{name.replace(' ', '_').replace('=', '-')}-seed{seed}.json").write_text(json.dumps(record))
+    first, second = converged_verdict(tmp_path)
+    assert (
+        "(2 seeds, results/ml-100k-cpu-converged.md): tiger+soda Recall@10 0.6000 against tiger 0.4000, +50%" in first
+    )
+    assert "0.5000, +25% (95% " in second and "tiger+soda on it +20% (95% " in second
+    assert REPOSITORY_RESULTS == ROOT / "results" and len(converged_verdict()) == 2  # the committed records
 
 
-def test_verdict_without_the_tables_says_where_they_are(tmp_path):
+def test_verdict_without_the_records_says_where_they_are(tmp_path):
     (line,) = converged_verdict(tmp_path)
     assert "ml-100k-cpu-converged.md" in line
 
