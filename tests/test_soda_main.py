@@ -169,6 +169,12 @@ def test_a_missing_package_gives_one_line_and_writes_nothing(args, package, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_tables_only_needs_no_optional_package(tmp_path):
+    result = run_blocked("ablate", "--tables-only", "--results", "results", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "results" / "ml-100k-ablation.md").exists()
+
+
 def test_epochs_leave_the_rqvae_pretraining_to_its_own_option():
     parser = soda.__main__.build_parser()
     config = soda.__main__.configure(parser.parse_args(["train", "--epochs", "1"]))
