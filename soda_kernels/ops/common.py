@@ -100,6 +100,7 @@ def launch_config(kind: str, **sizes: int) -> dict:
       "groups"  (): in-batch "mean", sums over the batch's groups, a chunk of features a program
       "rank"    (): in-batch "mean", rows ranked by their positive
       "pairwise" (codes): pairwise_kl's output tiles
+      "topk"    (width, wide): distributional_topk's score tiles and running top-k lists
       "mean_logits", "mean_grads" (codes, dim, wide): in-batch "mean"'s prologue and epilogue ("rows")
       "log_softmax", "log_softmax_grads" (codes, dim, wide): codebook_log_softmax ("rows")
     """
@@ -175,6 +176,13 @@ def launch_config(kind: str, **sizes: int) -> dict:
         if INTERPRETER:
             return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_pow2(sizes["codes"], high=64), num_warps=8, num_stages=2)
+    if kind == "topk":  # distributional_topk: (users, items) score tiles, a running list of ``width`` keys a row
+        # PROGRAMS: the programs to aim for (row blocks x catalogue splits); a tile is at least as
+        # wide as the list, which the merge needs
+        if INTERPRETER:
+            return dict(BLOCK_M=16, BLOCK_N=max(16, sizes["width"]), BLOCK_F=32, PROGRAMS=4)
+        return dict(BLOCK_M=64, BLOCK_N=max(64, sizes["width"]), BLOCK_F=32 if sizes["wide"] else 64,
+                    PROGRAMS=1024, num_warps=8, num_stages=3)
     if kind == "rank":  # rows ranked against the batch, BLOCK_C of it at a time
         return dict(BLOCK_R=16, BLOCK_C=16) if INTERPRETER else dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
     if kind == "groups":  # a program streams B rows of a chunk of BLOCK_F features, BLOCK_R at a time
