@@ -1,6 +1,6 @@
 """distributional_topk against a float64 brute force (the whole B x N score matrix), both backends.
 
-Under the interpreter the kernel's tiles are 16 items wide and the catalogue is cut into up to 4
+Under the interpreter the kernel's tiles are 32 items wide (wider for k > 32) and the catalogue is cut into up to 4
 splits, so N of a few dozen already crosses tiles, splits and the final merge."""
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def check_topk(scores, indices, ref, k, dtype, exclude=None, seed=None):
     ],
 )
 def test_matches_brute_force(backend, dtype, options):
-    user, items, codebooks, seed = make_inputs(5, 53, dtype=dtype, user_logits=options.get("user_logits", False))
+    user, items, codebooks, seed = make_inputs(5, 75, dtype=dtype, user_logits=options.get("user_logits", False))
     ref = brute_force(user, items, codebooks, **options)
-    for k in (1, 7, 53):
+    for k in (1, 7, 75):
         scores, indices = sk.distributional_topk(user, items, codebooks, k, backend=backend, **options)
         check_topk(scores, indices, ref, k, dtype, seed=seed)
 
@@ -128,34 +128,36 @@ def test_float32_order_is_exact(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_ties_go_to_the_lower_index(backend, symmetric):
-    """Items drawn from 4 distinct rows: every score ties with many others, across tiles and splits;
-    the order must be (score descending, index ascending) exactly, and equal items score equally."""
+@pytest.mark.parametrize("k", [10, 45])
+def test_ties_go_to_the_lower_index(backend, symmetric, k):
+    """Items drawn from 4 distinct rows: every score ties with many others, across tiles and splits
+    (k = 10: 32-item tiles, two splits under the interpreter); the order must be (score descending,
+    index ascending) exactly, and equal items score bit-equally."""
     user, items, codebooks, seed = make_inputs(3, 45, distinct=4)
-    scores, indices = sk.distributional_topk(user, items, codebooks, 45, symmetric=symmetric, backend=backend)
+    scores, indices = sk.distributional_topk(user, items, codebooks, k, symmetric=symmetric, backend=backend)
     group = brute_force(user, items, codebooks, symmetric=symmetric)
     for b in range(3):
-        expected = sorted(range(45), key=lambda n: (-round(group[b, n].item(), 9), n))
+        expected = sorted(range(45), key=lambda n: (-round(group[b, n].item(), 9), n))[:k]
         assert indices[b].tolist() == expected, seed
-        for n in range(45):  # equal items, bit-equal scores
-            same = [i for i in range(45) if torch.equal(items[i], items[n])]
-            values = {scores[b, indices[b].tolist().index(i)].item() for i in same}
+        for n in expected:  # equal items, bit-equal scores
+            same = [i for i in expected if torch.equal(items[i], items[n])]
+            values = {scores[b, expected.index(i)].item() for i in same}
             assert len(values) == 1, seed
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exclusions_and_short_rows(backend):
     """Histories excluded (with a repeat), a row left with fewer than k items, an empty history, k > N."""
-    user, items, codebooks, seed = make_inputs(4, 21)
+    user, items, codebooks, seed = make_inputs(4, 70)
     ref = brute_force(user, items, codebooks)
-    offsets = torch.tensor([0, 3, 3, 21, 23], device=DEVICE)
-    excluded = torch.cat([torch.tensor([20, 0, 20]), torch.arange(3, 21).flip(0), torch.tensor([5, 17])]).to(DEVICE)
-    for k in (2, 5, 21, 30):
+    offsets = torch.tensor([0, 3, 3, 70, 72], device=DEVICE)
+    excluded = torch.cat([torch.tensor([69, 0, 69]), torch.arange(3, 70).flip(0), torch.tensor([40, 5])]).to(DEVICE)
+    for k in (2, 5, 70, 80):
         scores, indices = sk.distributional_topk(
             user, items, codebooks, k, exclude=(offsets, excluded), backend=backend
         )
         check_topk(scores, indices, ref, k, torch.float32, exclude=(offsets, excluded), seed=seed)
-    assert (indices[2, 3:] == -1).all()  # row 2 keeps items 0, 1, 2 only
+    assert sorted(indices[2, :3].tolist()) == [0, 1, 2] and (indices[2, 3:] == -1).all()  # all row 2 keeps
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,33 +53,16 @@ def _ranking_keys(scores, items):
 
 @triton.jit
 def _score_tile(
-    rows_ptr,
-    cols_ptr,
-    rows,
-    row_mask,
-    items,
-    item_mask,
-    row_stride,
-    num_features,
-    acc,
-    BLOCK_F: tl.constexpr,
-    PRECISION: tl.constexpr,
+    row_ptrs, row_mask, col_ptrs, col_mask, num_features, acc, BLOCK_F: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """acc + rows_ptr[rows, :F] . cols_ptr[items, :F]^T, F in BLOCK_F chunks: a (BLOCK_M, BLOCK_N)
-    float32 tile. rows_ptr (B, row_stride) and cols_ptr (N, F) in one dtype, row-major."""
-    offs_f = tl.arange(0, BLOCK_F)
+    """acc + rows . cols^T over F features in BLOCK_F chunks: a (BLOCK_M, BLOCK_N) float32 tile.
+    row_ptrs (BLOCK_M, 1) and col_ptrs (BLOCK_N, 1): each row's first feature, F contiguous values
+    of one dtype; row_mask (BLOCK_M,), col_mask (BLOCK_N,)."""
+    offs_f = tl.arange(0, BLOCK_F)[None, :]
     for f_start in range(0, num_features, BLOCK_F):
         f_mask = f_start + offs_f < num_features
-        x = tl.load(
-            rows_ptr + rows[:, None] * row_stride + f_start + offs_f[None, :],
-            mask=row_mask[:, None] & f_mask[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            cols_ptr + items[:, None] * num_features + f_start + offs_f[None, :],
-            mask=item_mask[:, None] & f_mask[None, :],
-            other=0.0,
-        )
+        x = tl.load(row_ptrs + f_start + offs_f, mask=row_mask[:, None] & f_mask, other=0.0)
+        y = tl.load(col_ptrs + f_start + offs_f, mask=col_mask[:, None] & f_mask, other=0.0)
         acc = mma(x, tl.trans(y), acc, PRECISION)
     return acc
 
@@ -130,23 +113,11 @@ def _topk_kernel(
         items = tile_start + tl.arange(0, BLOCK_N).to(tl.int64)
         item_mask = items < num_items
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc = _score_tile(
-            rows_ptr, probs_ptr, rows, row_mask, items, item_mask, row_stride, num_features, acc, BLOCK_F, PRECISION
-        )
-        if SYMMETRIC:
-            acc = _score_tile(
-                rows_ptr + num_features,
-                log_probs_ptr,
-                rows,
-                row_mask,
-                items,
-                item_mask,
-                row_stride,
-                num_features,
-                acc,
-                BLOCK_F,
-                PRECISION,
-            )
+        for half in tl.static_range(2 if SYMMETRIC else 1):  # [w log Q] . P, then [w Q] . log P
+            cols_ptr = probs_ptr if half == 0 else log_probs_ptr
+            row_ptrs = rows_ptr + rows[:, None] * row_stride + half * num_features
+            col_ptrs = cols_ptr + items[:, None] * num_features
+            acc = _score_tile(row_ptrs, row_mask, col_ptrs, item_mask, num_features, acc, BLOCK_F, PRECISION)
         item_bias = tl.load(item_bias_ptr + items, mask=item_mask, other=0.0)
         eligible = row_mask[:, None] & item_mask[None, :]
         if excluded_ptr is not None:
@@ -163,9 +134,11 @@ def _topk_kernel(
         keys = tl.where(eligible, _ranking_keys(scores, items[None, :]), _EMPTY)
         improves = tl.max(keys, axis=1) > tl.min(running, axis=1)
         if tl.max(improves.to(tl.int32), axis=0) > 0:
-            if BLOCK_N > TOPK:
-                keys = tl.topk(keys, TOPK)
-            running = tl.topk(tl.reshape(tl.join(running, keys), (BLOCK_M, 2 * TOPK)), TOPK)
+            if BLOCK_N > TOPK:  # the tile's best TOPK first (a new name: keys keeps its shape)
+                best = tl.topk(keys, TOPK)
+            else:
+                best = keys
+            running = tl.topk(tl.reshape(tl.join(running, best), (BLOCK_M, 2 * TOPK)), TOPK)
     out = out_ptr + (rows[:, None] * splits + split) * TOPK + tl.arange(0, TOPK)[None, :]
     tl.store(out, running, mask=row_mask[:, None])
 
