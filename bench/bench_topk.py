@@ -200,7 +200,7 @@ def run(out_dir: Path, settings: dict) -> list[dict]:
 
 
 def _row(record: dict) -> str:
-    head = f"| {record['items']:.0e} | {record['contender']} "
+    head = f"| {record['items']:,} | {record['contender']} "
     if "skipped" in record:
         return head + f"| – | – | – | skipped: {record['skipped']} |"
     peak = "–" if record["peak_bytes"] is None else f"{record['peak_bytes'] / 2**20:.0f}"

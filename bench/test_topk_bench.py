@@ -20,4 +20,4 @@ def test_topk_bench_smoke(tmp_path):
         assert record["time_ms"] > 0
     lines = (tmp_path / "bench_topk.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == records
-    assert "| 6e+01 | fused |" in (tmp_path / "bench_topk.md").read_text()
+    assert "| 60 | fused |" in (tmp_path / "bench_topk.md").read_text()

@@ -226,13 +226,16 @@ class ItemDistributions:
         if items.shape[0] == 0:
             raise ValueError("items must hold at least one row (N >= 1)")
         storage = items.dtype if items.dtype in (torch.float32, torch.float64) else torch.bfloat16
-        parts = []
-        for start in range(0, items.shape[0], cls.BUILD_ROWS):
-            log_p = codebook_log_softmax(items[start:start + cls.BUILD_ROWS].detach(), codebooks.detach(), tau,
-                                         backend=backend)
-            probs = log_p.exp()
-            parts.append((probs.flatten(1).to(storage), log_p.flatten(1).to(storage), (probs * log_p).sum(-1)))
-        probs, log_probs, negative_entropy = (torch.cat(column) for column in zip(*parts, strict=True))
+        num_items, num_codes = items.shape[0], codebooks.shape[1]
+        probs = items.new_empty((num_items, num_layers * num_codes), dtype=storage)
+        log_probs = torch.empty_like(probs)
+        negative_entropy = items.new_empty((num_items, num_layers), dtype=torch_backend.compute_dtype(items))
+        for start in range(0, num_items, cls.BUILD_ROWS):  # filled in place: no second copy of the catalogue
+            stop = min(start + cls.BUILD_ROWS, num_items)
+            log_p = codebook_log_softmax(items[start:stop].detach(), codebooks.detach(), tau, backend=backend)
+            probs[start:stop] = log_p.exp().flatten(1)
+            log_probs[start:stop] = log_p.flatten(1)
+            negative_entropy[start:stop] = (log_p.exp() * log_p).sum(-1)
         return cls(probs, log_probs, negative_entropy, tau)
 
     def __len__(self) -> int:
