@@ -481,8 +481,12 @@ STAGES = {
         command=(*PYTEST, "--junitxml={stem}.xml", "{workers}"),
         dry_command=(*PYTEST, "--collect-only"),
     ),
-    # Stages of other work, one line each, e.g.:
-    # "tune": Stage(300, "launch-setting tuning", command=("{python}", "-m", "bench.tune", "{out}")),
+    # Stages of other work, one line each (their CPU smoke runs are in their own bench tests).
+    "topk": Stage(
+        150,
+        "retrieval: distributional_topk against torch.topk over B x N and the chunked torch path",
+        command=("{python}", "-m", "bench.bench_topk", "{out}"),
+    ),
 }
 
 

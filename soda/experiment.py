@@ -148,6 +148,7 @@ def run_all(
                 "run": name,
                 "seed": seed,
                 **{key: result[key] for key in ("minutes", "valid", "test", "best_epoch", "epochs") if key in result},
+                **{key: result[key] for key in ("retrieval", "fusion") if key in result},  # SODA runs
                 # the tokenizer's code statistics, before and (joint runs) after training
                 **{key: result[key] for key in ("tokenizer", "tokenizer_final") if key in result},
                 "config": asdict(run_config),
