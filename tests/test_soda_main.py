@@ -52,13 +52,17 @@ def test_main_job_trains_tiger_and_tiger_soda_through_the_library_and_gives_the_
 
     assert calls and set(calls) == {"auto"}  # the joint run's term: sk.distributional_bpr, backend "auto"
     rows = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
-    assert list(rows) == ["model", "tiger", "tiger+soda", "mostpop", "sasrec"]
+    soda_rows = ["tiger+soda", "tiger+soda retrieval", "tiger+soda fusion"]  # by its beam, its score, both
+    assert list(rows) == ["model", "tiger", *soda_rows, "mostpop", "sasrec"]
     for name in ("tiger", "tiger+soda", "mostpop", "sasrec"):
         written = json.loads((out / name / "metrics.json").read_text())
         assert rows[name].count("|") == len(METRICS) + 2
         assert f"{written['test']['recall@10']:.4f}" in rows[name]
         assert f"  {name}: {out / name}/" in printed  # where its metrics, checkpoint and plot are
-    assert "tokenizer_final" in json.loads((out / "tiger+soda" / "metrics.json").read_text())  # the joint run
+    joint = json.loads((out / "tiger+soda" / "metrics.json").read_text())
+    assert "tokenizer_final" in joint  # the joint run
+    for kind in ("retrieval", "fusion"):
+        assert f"{joint[kind]['test']['recall@10']:.4f}" in rows[f"tiger+soda {kind}"]
 
     lines = printed.splitlines()
     last_row = lines.index(rows["sasrec"])
