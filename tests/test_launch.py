@@ -22,8 +22,12 @@ FAMILIES_OF_MODE = {
     "sampled": ("samples", "sample_grads"),
     "mean": ("mean_logits", "groups", "mean_grads"),
 }
-CASES = [(mode, family, name) for mode, families in FAMILIES_OF_MODE.items() for family in families
-         for name in dict.fromkeys(launch.FAMILIES[family].candidates["16bit"] + launch.FAMILIES[family].candidates["fp32"])]
+CASES = [
+    (mode, family, name)
+    for mode, families in FAMILIES_OF_MODE.items()
+    for family in families
+    for name in dict.fromkeys(launch.candidates(family) + launch.candidates(family, wide=True))
+]
 
 
 def _table(entries: dict) -> dict:
@@ -32,7 +36,13 @@ def _table(entries: dict) -> dict:
 
 def test_buckets_by_batch():
     assert [launch.bucket(b) for b in (1, 1024, 1025, 4096, 4097, 10**6)] == [
-        "B<=1024", "B<=1024", "B<=4096", "B<=4096", "B>4096", "B>4096"]
+        "B<=1024",
+        "B<=1024",
+        "B<=4096",
+        "B<=4096",
+        "B>4096",
+        "B>4096",
+    ]
     assert launch.table_key("scores", False, 2048) == "scores 16bit B<=4096"
     assert launch.table_key("grads", True, 9000) == "grads fp32 B>4096"
 
@@ -53,15 +63,18 @@ def test_table_entry_overrides_the_default_in_its_bucket_only():
     assert launch.choose(table, "GPU X", "scores", False, 2000) == "M64 N64 F64 w4 s3"
 
 
-@pytest.mark.parametrize("text, named", [
-    ("not json", "cannot read"),
-    (json.dumps({"format": 2, "devices": {}}), "not a launch table"),
-    (json.dumps({"format": 1, "devices": {"GPU X": ["scores"]}}), "'GPU X'"),
-    (json.dumps({"format": 1, "devices": {"GPU X": {"scores 16bit B<=999": "M128 N64 F64 w8 s3"}}}), "B<=999"),
-    (json.dumps({"format": 1, "devices": {"GPU X": {"sores 16bit B<=1024": "M128 N64 F64 w8 s3"}}}), "sores"),
-    (json.dumps({"format": 1, "devices": {"GPU X": {"scores 16bit B<=1024": "M256 N64 F64 w8 s3"}}}), "M256"),
-    (json.dumps({"format": 1, "devices": {"GPU X": {"scores fp32 B<=1024": "M128 N64 F64 w8 s3"}}}), "fp32"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("not json", "cannot read"),
+        (json.dumps({"format": 2, "devices": {}}), "not a launch table"),
+        (json.dumps({"format": 1, "devices": {"GPU X": ["scores"]}}), "'GPU X'"),
+        (json.dumps({"format": 1, "devices": {"GPU X": {"scores 16bit B<=999": "M128 N64 F64 w8 s3"}}}), "B<=999"),
+        (json.dumps({"format": 1, "devices": {"GPU X": {"sores 16bit B<=1024": "M128 N64 F64 w8 s3"}}}), "sores"),
+        (json.dumps({"format": 1, "devices": {"GPU X": {"scores 16bit B<=1024": "M256 N64 F64 w8 s3"}}}), "M256"),
+        (json.dumps({"format": 1, "devices": {"GPU X": {"scores fp32 B<=1024": "M128 N64 F64 w8 s3"}}}), "fp32"),
+    ],
+)
 def test_malformed_table_raises_naming_the_entry(tmp_path, text, named):
     path = tmp_path / "table.json"
     path.write_text(text)
@@ -107,9 +120,13 @@ def test_tune_keeps_each_familys_fastest_one_family_at_a_time():
 
     timings = launch.tune(("scores", "grads"), wide=False, run=lambda: None, measure=measure)
     assert {f: min(t, key=t.get) for f, t in timings.items()} == {
-        "scores": launch.candidates("scores")[1], "grads": launch.candidates("grads")[2]}
+        "scores": launch.candidates("scores")[1],
+        "grads": launch.candidates("grads")[2],
+    }
     assert len(seen) == len(launch.candidates("scores")) + len(launch.candidates("grads"))
-    assert all(choice["scores"] == launch.candidates("scores")[1] for choice in seen[len(launch.candidates("scores")):])
+    assert all(
+        choice["scores"] == launch.candidates("scores")[1] for choice in seen[len(launch.candidates("scores")) :]
+    )
     assert not launch._FORCED  # nothing stays forced
 
 
@@ -150,4 +167,4 @@ def test_a_configuration_is_deterministic(name):
             loss = sk.distributional_bpr(**inputs, in_batch="both", backend="triton")
             loss.backward()
         runs.append([loss.detach().clone(), inputs["user"].grad.clone(), inputs["codebooks"].grad.clone()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -83,17 +83,23 @@ def _pow2(n: int, low: int = 16, high: int | None = None) -> int:
 def _logit_tiles(caps: dict, sizes: dict) -> dict:
     """A block of rows against K in tiles, d in BLOCK_D chunks (logits only): R rows, K codes."""
     block_dim = _pow2(sizes["dim"])
-    return dict(BLOCK_R=caps["R"], BLOCK_K=_pow2(sizes["codes"], high=caps["K"]),
-                BLOCK_D=min(block_dim, caps.get("D", 32 if sizes["wide"] else 64)))
+    return dict(
+        BLOCK_R=caps["R"],
+        BLOCK_K=_pow2(sizes["codes"], high=caps["K"]),
+        BLOCK_D=min(block_dim, caps.get("D", 32 if sizes["wide"] else 64)),
+    )
 
 
 def _gradient_tiles(caps: dict, sizes: dict) -> dict:
     """Logit gradients taken onto residuals and codewords: (rows, d) and (codes, d) tiles with d
     whole (BLOCK_DIM), each kept near 4K float32 elements; and BLOCK_D for the logits' recompute."""
     block_dim = _pow2(sizes["dim"])
-    return dict(BLOCK_R=max(16, min(caps["R"], 4096 // block_dim)),
-                BLOCK_K=max(16, min(_pow2(sizes["codes"], high=caps["K"]), 4096 // block_dim)),
-                BLOCK_D=min(block_dim, 32 if sizes["wide"] else 64), BLOCK_DIM=block_dim)
+    return dict(
+        BLOCK_R=max(16, min(caps["R"], 4096 // block_dim)),
+        BLOCK_K=max(16, min(_pow2(sizes["codes"], high=caps["K"]), 4096 // block_dim)),
+        BLOCK_D=min(block_dim, 32 if sizes["wide"] else 64),
+        BLOCK_DIM=block_dim,
+    )
 
 
 def _sample_gradient_tiles(caps: dict, sizes: dict) -> dict:
@@ -140,100 +146,186 @@ def _both(*names: str) -> dict[str, tuple[str, ...]]:
 FAMILIES: dict[str, Family] = {
     # In-batch "items" / "users" / "both".
     "prologue": Family(
-        ("in_batch_pairs._prologue_kernel",), _logit_tiles,
-        {"16bit": ("R32 K32 w8 s2",  # two 16-row mma tiles a warp pair; ~100 registers, low pressure
-                   "R64 K64 w4 s3",  # one warpgroup on a 64-row wgmma tile, d's chunks pipelined
-                   "R64 K32 w4 s2",  # the same rows, half the codes: more programs at small B
-                   "R128 K64 w8 s3"),  # two warpgroups, the codebook tile read once for 128 rows
-         "fp32": ("R32 K32 w8 s2", "R64 K32 w4 s2", "R64 K64 w8 s3")},
-        "in-batch prologue: the users' and items' logits, log-probabilities, operands A and Bm"),
+        ("in_batch_pairs._prologue_kernel",),
+        _logit_tiles,
+        {
+            "16bit": (
+                "R32 K32 w8 s2",  # two 16-row mma tiles a warp pair; ~100 registers, low pressure
+                "R64 K64 w4 s3",  # one warpgroup on a 64-row wgmma tile, d's chunks pipelined
+                "R64 K32 w4 s2",  # the same rows, half the codes: more programs at small B
+                "R128 K64 w8 s3",  # two warpgroups, the codebook tile read once for 128 rows
+            ),
+            "fp32": ("R32 K32 w8 s2", "R64 K32 w4 s2", "R64 K64 w8 s3"),
+        },
+        "in-batch prologue: the users' and items' logits, log-probabilities, operands A and Bm",
+    ),
     "scores": Family(
-        ("in_batch_pairs._forward_kernel",), _fixed,
-        {"16bit": ("M128 N64 F64 w8 s3",  # two warpgroups of 64-row wgmma; 72 KB smem, 1 block/SM
-                   "M64 N64 F64 w4 s3",  # one warpgroup: half the registers, twice the programs
-                   "M64 N128 F64 w8 s3",  # two warpgroups along the columns
-                   "M128 N64 F32 w8 s4",  # thinner feature chunks, a deeper pipeline of loads
-                   "M64 N64 F128 w4 s2"),  # fewer feature steps, each twice as wide
-         "fp32": ("M64 N64 F32 w8 s3",  # bf16x3: three products a tile, operands twice as wide
-                  "M64 N64 F32 w4 s3", "M64 N32 F32 w4 s3", "M64 N64 F64 w8 s2")},
-        "in-batch forward: score tiles streamed, softplus terms reduced per row and column"),
+        ("in_batch_pairs._forward_kernel",),
+        _fixed,
+        {
+            "16bit": (
+                "M128 N64 F64 w8 s3",  # two warpgroups of 64-row wgmma; 72 KB smem, 1 block/SM
+                "M64 N64 F64 w4 s3",  # one warpgroup: half the registers, twice the programs
+                "M64 N128 F64 w8 s3",  # two warpgroups along the columns
+                "M128 N64 F32 w8 s4",  # thinner feature chunks, a deeper pipeline of loads
+                "M64 N64 F128 w4 s2",  # fewer feature steps, each twice as wide
+            ),
+            "fp32": (
+                "M64 N64 F32 w8 s3",  # bf16x3: three products a tile, operands twice as wide
+                "M64 N64 F32 w4 s3",
+                "M64 N32 F32 w4 s3",
+                "M64 N64 F64 w8 s2",
+            ),
+        },
+        "in-batch forward: score tiles streamed, softplus terms reduced per row and column",
+    ),
     "grads": Family(
-        ("in_batch_pairs._backward_kernel",), _fixed,
-        {"16bit": ("M64 N128 F64 G64 w8 s3",  # S and C tiles of 64 x 128 on chip; 80 KB smem
-                   "M64 N64 F64 G64 w4 s3",  # one warpgroup, the smallest wgmma tile
-                   "M64 N64 F64 G64 w8 s3",  # the same tile over two warpgroups
-                   "M128 N64 F64 G64 w8 s3",  # 128 rows: the column operand read half as often
-                   "M64 N128 F32 G64 w8 s4"),  # thinner feature chunks, deeper pipeline
-         "fp32": ("M64 N64 F32 G64 w8 s3", "M64 N64 F32 G32 w4 s3", "M64 N32 F32 G64 w4 s3")},
-        "in-batch backward: row and column programs, gradient rows in BLOCK_G chunks"),
+        ("in_batch_pairs._backward_kernel",),
+        _fixed,
+        {
+            "16bit": (
+                "M64 N128 F64 G64 w8 s3",  # S and C tiles of 64 x 128 on chip; 80 KB smem
+                "M64 N64 F64 G64 w4 s3",  # one warpgroup, the smallest wgmma tile
+                "M64 N64 F64 G64 w8 s3",  # the same tile over two warpgroups
+                "M128 N64 F64 G64 w8 s3",  # 128 rows: the column operand read half as often
+                "M64 N128 F32 G64 w8 s4",  # thinner feature chunks, deeper pipeline
+            ),
+            "fp32": ("M64 N64 F32 G64 w8 s3", "M64 N64 F32 G32 w4 s3", "M64 N32 F32 G64 w4 s3"),
+        },
+        "in-batch backward: row and column programs, gradient rows in BLOCK_G chunks",
+    ),
     "epilogue": Family(
-        ("in_batch_pairs._epilogue_kernel",), _gradient_tiles,
-        {"16bit": ("R32 K32 w8 s2",  # ~250 registers at d = 128: the largest tile that holds
-                   "R16 K32 w4 s2", "R32 K16 w4 s2", "R16 K16 w4 s3"),
-         "fp32": ("R32 K32 w8 s2", "R16 K32 w4 s2", "R16 K16 w4 s2")},
-        "in-batch epilogue: operand gradients onto residuals and codebook partials"),
+        ("in_batch_pairs._epilogue_kernel",),
+        _gradient_tiles,
+        {
+            "16bit": (
+                "R32 K32 w8 s2",  # ~250 registers at d = 128: the largest tile that holds
+                "R16 K32 w4 s2",
+                "R32 K16 w4 s2",
+                "R16 K16 w4 s3",
+            ),
+            "fp32": ("R32 K32 w8 s2", "R16 K32 w4 s2", "R16 K16 w4 s2"),
+        },
+        "in-batch epilogue: operand gradients onto residuals and codebook partials",
+    ),
     # Sampled negatives.
     "samples": Family(
-        ("sampled_negatives._forward_kernel",), _logit_tiles,
-        {"16bit": ("R32 K64 w4 s2",  # ~185 registers; a program per row block and split
-                   "R64 K64 w4 s3",  # a 64-row wgmma tile per warpgroup
-                   "R32 K32 w4 s2", "R64 K32 w8 s2", "R16 K64 w4 s2"),
-         "fp32": ("R32 K64 w8 s2", "R64 K64 w8 s2", "R32 K32 w4 s2")},
-        "sampled forward: user and sampled items' distributions, scores and terms"),
+        ("sampled_negatives._forward_kernel",),
+        _logit_tiles,
+        {
+            "16bit": (
+                "R32 K64 w4 s2",  # ~185 registers; a program per row block and split
+                "R64 K64 w4 s3",  # a 64-row wgmma tile per warpgroup
+                "R32 K32 w4 s2",
+                "R64 K32 w8 s2",
+                "R16 K64 w4 s2",
+            ),
+            "fp32": ("R32 K64 w8 s2", "R64 K64 w8 s2", "R32 K32 w4 s2"),
+        },
+        "sampled forward: user and sampled items' distributions, scores and terms",
+    ),
     "sample_grads": Family(
-        ("sampled_negatives._backward_kernel",), _sample_gradient_tiles,
-        {"16bit": ("R16 K128 G128 w8 s2",  # K 64 x G 128 partial on chip: ~250 registers
-                   "R16 K128 G64 w8 s2",  # half the features a program, twice the codes
-                   "R32 K64 G64 w8 s2", "R16 K32 G128 w4 s2"),
-         "fp32": ("R16 K128 G64 w8 s2", "R16 K128 G32 w4 s2", "R32 K128 G64 w8 s2")},
-        "sampled backward: logit gradients onto residuals, occurrences and codebook partials"),
+        ("sampled_negatives._backward_kernel",),
+        _sample_gradient_tiles,
+        {
+            "16bit": (
+                "R16 K128 G128 w8 s2",  # K 64 x G 128 partial on chip: ~250 registers
+                "R16 K128 G64 w8 s2",  # half the features a program, twice the codes
+                "R32 K64 G64 w8 s2",
+                "R16 K32 G128 w4 s2",
+            ),
+            "fp32": ("R16 K128 G64 w8 s2", "R16 K128 G32 w4 s2", "R32 K128 G64 w8 s2"),
+        },
+        "sampled backward: logit gradients onto residuals, occurrences and codebook partials",
+    ),
     # In-batch "mean".
     "mean_logits": Family(
-        ("in_batch_mean._prologue_kernel",), _logit_tiles,
-        {"16bit": ("R32 K32 w8 s3", "R64 K64 w4 s3", "R64 K32 w4 s2", "R16 K32 w4 s3"),
-         "fp32": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R16 K32 w4 s3")},
-        "mean prologue: log Q and log P by position, the positive scores"),
+        ("in_batch_mean._prologue_kernel",),
+        _logit_tiles,
+        {
+            "16bit": ("R32 K32 w8 s3", "R64 K64 w4 s3", "R64 K32 w4 s2", "R16 K32 w4 s3"),
+            "fp32": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R16 K32 w4 s3"),
+        },
+        "mean prologue: log Q and log P by position, the positive scores",
+    ),
     "groups": Family(
-        ("in_batch_mean._mean_scores_kernel", "in_batch_mean._mean_grads_kernel"), _fixed,
-        _both("R64 F32 w4 s3",  # 24 programs at L K = 768: few, each streaming B
-              "R64 F16 w4 s3",  # twice the programs, half the features each
-              "R128 F16 w4 s3", "R128 F32 w8 s3"),
-        "mean scores and gradients: sums over the batch's groups, a chunk of features a program"),
+        ("in_batch_mean._mean_scores_kernel", "in_batch_mean._mean_grads_kernel"),
+        _fixed,
+        _both(
+            "R64 F32 w4 s3",  # 24 programs at L K = 768: few, each streaming B
+            "R64 F16 w4 s3",  # twice the programs, half the features each
+            "R128 F16 w4 s3",
+            "R128 F32 w8 s3",
+        ),
+        "mean scores and gradients: sums over the batch's groups, a chunk of features a program",
+    ),
     "mean_grads": Family(
-        ("in_batch_mean._epilogue_kernel",), _without(_gradient_tiles, "BLOCK_D"),
-        {"16bit": ("R16 K32 w4 s2", "R32 K32 w8 s2", "R16 K16 w4 s2", "R16 K32 w8 s3"),
-         "fp32": ("R16 K32 w8 s2", "R16 K16 w4 s2", "R32 K32 w8 s2")},
-        "mean epilogue: gradients onto residuals and codebook partials"),
+        ("in_batch_mean._epilogue_kernel",),
+        _without(_gradient_tiles, "BLOCK_D"),
+        {
+            "16bit": ("R16 K32 w4 s2", "R32 K32 w8 s2", "R16 K16 w4 s2", "R16 K32 w8 s3"),
+            "fp32": ("R16 K32 w8 s2", "R16 K16 w4 s2", "R32 K32 w8 s2"),
+        },
+        "mean epilogue: gradients onto residuals and codebook partials",
+    ),
     # One configuration each: small, memory-bound or rarely on the hot path.
-    "log_softmax": Family(("soft_assignment._forward_kernel",), _logit_tiles,
-                          _both("R64 K32 w8 s2"), "codebook_log_softmax forward"),
-    "log_softmax_grads": Family(("soft_assignment._backward_kernel",), _without(_gradient_tiles, "BLOCK_D"),
-                                _both("R32 K32 w4 s2"), "codebook_log_softmax backward"),
-    "pairwise": Family(("pairwise_kl._pairwise_kl_kernel",),
-                       lambda caps, sizes: dict(BLOCK_M=caps["M"], BLOCK_N=caps["N"],
-                                                BLOCK_K=_pow2(sizes["codes"], high=caps["K"])),
-                       _both("M64 N64 K64 w8 s2"), "pairwise_kl's output tiles, K in tiles"),
-    "reduce": Family(("in_batch_pairs._finish_kernel", "sampled_negatives._finish_kernel",
-                      "in_batch_mean._finish_kernel"), _fixed, _both("BLOCK1024 w8 s3"),
-                     "one-program reductions over B"),
-    "bounds": Family(("common._index_bounds_kernel",), _fixed, _both("BLOCK1024 w4 s3"),
-                     "the index checks' min and max"),
-    "partials": Family(("common._sum_partials_kernel",), _fixed, _both("BLOCK1024 w4 s3"),
-                       "elementwise sums of per-program partials"),
-    "match": Family(("common._sum_rows_by_index_kernel",), _fixed, _both("R32 C32 W64 w4 s3"),
-                    "rows summed over equal indices"),
-    "segments": Family(("common._sum_rows_by_sorted_index_kernel",), _fixed, _both("T32 W128 w4 s3"),
-                       "rows summed over a sorted index"),
-    "rank": Family(("in_batch_mean._rank_kernel",), _fixed, _both("R32 C64 w4 s3"),
-                   "mean: rows ranked by their positive"),
+    "log_softmax": Family(
+        ("soft_assignment._forward_kernel",), _logit_tiles, _both("R64 K32 w8 s2"), "codebook_log_softmax forward"
+    ),
+    "log_softmax_grads": Family(
+        ("soft_assignment._backward_kernel",),
+        _without(_gradient_tiles, "BLOCK_D"),
+        _both("R32 K32 w4 s2"),
+        "codebook_log_softmax backward",
+    ),
+    "pairwise": Family(
+        ("pairwise_kl._pairwise_kl_kernel",),
+        lambda caps, sizes: dict(BLOCK_M=caps["M"], BLOCK_N=caps["N"], BLOCK_K=_pow2(sizes["codes"], high=caps["K"])),
+        _both("M64 N64 K64 w8 s2"),
+        "pairwise_kl's output tiles, K in tiles",
+    ),
+    "reduce": Family(
+        ("in_batch_pairs._finish_kernel", "sampled_negatives._finish_kernel", "in_batch_mean._finish_kernel"),
+        _fixed,
+        _both("BLOCK1024 w8 s3"),
+        "one-program reductions over B",
+    ),
+    "bounds": Family(
+        ("common._index_bounds_kernel",), _fixed, _both("BLOCK1024 w4 s3"), "the index checks' min and max"
+    ),
+    "partials": Family(
+        ("common._sum_partials_kernel",), _fixed, _both("BLOCK1024 w4 s3"), "elementwise sums of per-program partials"
+    ),
+    "match": Family(
+        ("common._sum_rows_by_index_kernel",), _fixed, _both("R32 C32 W64 w4 s3"), "rows summed over equal indices"
+    ),
+    "segments": Family(
+        ("common._sum_rows_by_sorted_index_kernel",), _fixed, _both("T32 W128 w4 s3"), "rows summed over a sorted index"
+    ),
+    "rank": Family(
+        ("in_batch_mean._rank_kernel",), _fixed, _both("R32 C64 w4 s3"), "mean: rows ranked by their positive"
+    ),
 }
 
 # The interpreter's tiles (CPU tests): small, one per family, resolved by the same rules.
 INTERPRETER_TILES: dict[str, str] = {
-    "prologue": "R16 K16", "scores": "M16 N16 F32", "grads": "M16 N32 F32 G16", "epilogue": "R16 K16",
-    "samples": "R16 K16", "sample_grads": "R16 K16 G64", "mean_logits": "R16 K16", "groups": "R16 F16",
-    "mean_grads": "R16 K16", "log_softmax": "R16 K16", "log_softmax_grads": "R16 K16", "pairwise": "M16 N16 K16",
-    "reduce": "BLOCK64", "bounds": "BLOCK64", "partials": "BLOCK256", "match": "R16 C16 W64", "segments": "T16 W64",
+    "prologue": "R16 K16",
+    "scores": "M16 N16 F32",
+    "grads": "M16 N32 F32 G16",
+    "epilogue": "R16 K16",
+    "samples": "R16 K16",
+    "sample_grads": "R16 K16 G64",
+    "mean_logits": "R16 K16",
+    "groups": "R16 F16",
+    "mean_grads": "R16 K16",
+    "log_softmax": "R16 K16",
+    "log_softmax_grads": "R16 K16",
+    "pairwise": "M16 N16 K16",
+    "reduce": "BLOCK64",
+    "bounds": "BLOCK64",
+    "partials": "BLOCK256",
+    "match": "R16 C16 W64",
+    "segments": "T16 W64",
     "rank": "R16 C16",
 }
 
@@ -287,8 +379,10 @@ def check_table(table: object, source: str) -> dict:
     """``table`` (parsed JSON) if it is a launch table, else LaunchTableError naming ``source`` and
     the entry: {"format": 1, "devices": {device name: {table_key: candidate name}}}."""
     if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or not isinstance(table.get("devices"), dict):
-        raise LaunchTableError(f"{source}: not a launch table (want a JSON object with \"format\": {TABLE_FORMAT} "
-                               "and \"devices\": {device name: {\"family operands bucket\": candidate}})")
+        raise LaunchTableError(
+            f'{source}: not a launch table (want a JSON object with "format": {TABLE_FORMAT} '
+            'and "devices": {device name: {"family operands bucket": candidate}})'
+        )
     buckets = [name for name, _ in BUCKETS]
     for device, entries in table["devices"].items():
         if not isinstance(entries, dict):
@@ -296,11 +390,15 @@ def check_table(table: object, source: str) -> dict:
         for key, name in entries.items():
             parts = key.split(" ")
             if len(parts) != 3 or parts[0] not in FAMILIES or parts[1] not in OPERANDS or parts[2] not in buckets:
-                raise LaunchTableError(f"{source}: device {device!r}: bad key {key!r} (want 'family operands bucket', "
-                                       f"family of {sorted(FAMILIES)}, operands of {OPERANDS}, bucket of {buckets})")
+                raise LaunchTableError(
+                    f"{source}: device {device!r}: bad key {key!r} (want 'family operands bucket', "
+                    f"family of {sorted(FAMILIES)}, operands of {OPERANDS}, bucket of {buckets})"
+                )
             if name not in FAMILIES[parts[0]].candidates[parts[1]]:
-                raise LaunchTableError(f"{source}: device {device!r}: {key!r}: {name!r} is not a candidate of "
-                                       f"{parts[0]} ({', '.join(FAMILIES[parts[0]].candidates[parts[1]])})")
+                raise LaunchTableError(
+                    f"{source}: device {device!r}: {key!r}: {name!r} is not a candidate of "
+                    f"{parts[0]} ({', '.join(FAMILIES[parts[0]].candidates[parts[1]])})"
+                )
     return table
 
 
@@ -347,16 +445,18 @@ def launch_config(family: str, *, device: torch.device | None = None, batch: int
     ``INTERPRETER_TILES`` unless a configuration is forced."""
     if INTERPRETER and family not in _FORCED:
         return FAMILIES[family].tiles(parse(INTERPRETER_TILES[family])[0], sizes)
-    name = choose(_committed_table(), None if device is None else device_name(device), family,
-                  sizes.get("wide", False), batch)
+    name = choose(
+        _committed_table(), None if device is None else device_name(device), family, sizes.get("wide", False), batch
+    )
     return resolve(family, name, **sizes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host-side grid values, from the problem size and the SM count.
 
-INTERPRETER_GRID = dict(sms=128, row_programs=2, min_tiles=1, partial_programs=2, bounds_programs=2,
-                        negatives_per_split=2)
+INTERPRETER_GRID = dict(
+    sms=128, row_programs=2, min_tiles=1, partial_programs=2, bounds_programs=2, negatives_per_split=2
+)
 
 
 def grid_limits(device: torch.device | None) -> dict:
@@ -368,8 +468,9 @@ def grid_limits(device: torch.device | None) -> dict:
     if INTERPRETER:
         return INTERPRETER_GRID
     sms = _device_facts(device)[1] if device is not None and device.type == "cuda" else DEFAULT_SMS
-    return dict(sms=sms, row_programs=32, min_tiles=4, partial_programs=16, bounds_programs=min(32, sms),
-                negatives_per_split=8)
+    return dict(
+        sms=sms, row_programs=32, min_tiles=4, partial_programs=16, bounds_programs=min(32, sms), negatives_per_split=8
+    )
 
 
 def plan_grid(family: str, config: dict, device: torch.device | None, **sizes) -> dict:
@@ -431,8 +532,13 @@ def forced(choice: dict[str, str]) -> Iterator[None]:
         _FORCED.update(saved)
 
 
-def tune(families: tuple[str, ...], *, wide: bool, run: Callable[[], object],
-         measure: Callable[[Callable[[], object]], float]) -> dict[str, dict[str, float]]:
+def tune(
+    families: tuple[str, ...],
+    *,
+    wide: bool,
+    run: Callable[[], object],
+    measure: Callable[[Callable[[], object]], float],
+) -> dict[str, dict[str, float]]:
     """Time ``run`` (one op's forward + backward) with each candidate of each family, one family after
     another, the others forced to their best so far (the defaults at first): {family: {candidate:
     measure(run)}}, ``measure`` returning a time (the tuner's choice is each family's minimum)."""
@@ -456,8 +562,9 @@ def median_cuda_ms(run: Callable[[], object]) -> float:
     return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
 
 
-def tune_if_asked(families: tuple[str, ...], *, device: torch.device, batch: int, wide: bool,
-                  run: Callable[[], object]) -> None:
+def tune_if_asked(
+    families: tuple[str, ...], *, device: torch.device, batch: int, wide: bool, run: Callable[[], object]
+) -> None:
     """With SODA_TUNE=1 on a CUDA device, the first call of an op in a bucket tunes its families
     (``tune`` on ``run``, the op's forward + backward on this call's inputs) and keeps each family's
     fastest candidate for the rest of the process. A no-op otherwise, inside a tuning run, while
