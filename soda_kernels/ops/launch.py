@@ -151,11 +151,12 @@ FAMILIES: dict[str, Family] = {
         {
             "16bit": (
                 "R32 K32 w8 s2",  # two 16-row mma tiles a warp pair; ~100 registers, low pressure
-                "R64 K64 w4 s3",  # one warpgroup on a 64-row wgmma tile, d's chunks pipelined
-                "R64 K32 w4 s2",  # the same rows, half the codes: more programs at small B
-                "R128 K64 w8 s3",  # two warpgroups, the codebook tile read once for 128 rows
+                "R64 K32 w4 s2",  # one warpgroup on a 64-row wgmma tile
+                "R64 K32 w8 s3",  # the same tile over two warpgroups, d's chunks pipelined deeper
+                "R128 K32 w8 s2",  # two warpgroups of 64 rows: the codebook tile read once for 128 rows
+                # dropped (spills at d = 128, static report): R64 K64 w4 s3, R128 K64 w8 s3
             ),
-            "fp32": ("R32 K32 w8 s2", "R64 K32 w4 s2", "R64 K64 w8 s3"),
+            "fp32": ("R32 K32 w8 s2", "R16 K32 w4 s2", "R32 K32 w8 s3", "R64 K32 w8 s2"),
         },
         "in-batch prologue: the users' and items' logits, log-probabilities, operands A and Bm",
     ),
@@ -200,11 +201,12 @@ FAMILIES: dict[str, Family] = {
         {
             "16bit": (
                 "R32 K32 w8 s2",  # ~250 registers at d = 128: the largest tile that holds
-                "R16 K32 w4 s2",
-                "R32 K16 w4 s2",
+                "R16 K32 w4 s2",  # half the rows on half the warps: more programs, more partials
                 "R16 K16 w4 s3",
+                "R16 K32 w8 s2",  # fewer registers a thread: two blocks an SM
+                # dropped (spills at d = 128): R32 K16 w4 s2
             ),
-            "fp32": ("R32 K32 w8 s2", "R16 K32 w4 s2", "R16 K16 w4 s2"),
+            "fp32": ("R32 K32 w8 s2", "R16 K32 w8 s2", "R16 K16 w8 s2"),
         },
         "in-batch epilogue: operand gradients onto residuals and codebook partials",
     ),
@@ -215,12 +217,12 @@ FAMILIES: dict[str, Family] = {
         {
             "16bit": (
                 "R32 K64 w4 s2",  # ~185 registers; a program per row block and split
-                "R64 K64 w4 s3",  # a 64-row wgmma tile per warpgroup
-                "R32 K32 w4 s2",
+                "R64 K64 w8 s3",  # a 64-row wgmma tile a warpgroup, the same registers a thread
+                "R32 K32 w4 s2",  # half the codes a tile: lighter, the online softmax takes more steps
                 "R64 K32 w8 s2",
-                "R16 K64 w4 s2",
+                "R16 K64 w4 s2",  # more programs where B is small
             ),
-            "fp32": ("R32 K64 w8 s2", "R64 K64 w8 s2", "R32 K32 w4 s2"),
+            "fp32": ("R32 K64 w8 s2", "R64 K32 w8 s2", "R32 K32 w4 s2"),
         },
         "sampled forward: user and sampled items' distributions, scores and terms",
     ),
@@ -243,8 +245,8 @@ FAMILIES: dict[str, Family] = {
         ("in_batch_mean._prologue_kernel",),
         _logit_tiles,
         {
-            "16bit": ("R32 K32 w8 s3", "R64 K64 w4 s3", "R64 K32 w4 s2", "R16 K32 w4 s3"),
-            "fp32": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R16 K32 w4 s3"),
+            "16bit": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R64 K32 w8 s3", "R16 K32 w4 s3"),
+            "fp32": ("R32 K32 w8 s3", "R16 K32 w4 s3", "R32 K32 w4 s2"),
         },
         "mean prologue: log Q and log P by position, the positive scores",
     ),
