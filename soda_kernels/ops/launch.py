@@ -27,8 +27,8 @@ candidates on a GPU and writes the table's entries for that device.
 ``SODA_TUNE=1`` re-tunes on the user's own GPU: the first call of an op in a bucket (per device,
 operand class and bucket, once per process) times its families' candidates on that call's inputs,
 one family after another with the others at their best so far, and keeps the fastest in memory
-for the rest of the process (nothing is written to disk). That first call costs the compiles and a
-few hundred milliseconds; inside torch.compile tracing or CUDA graph capture no tuning happens.
+for the rest of the process (nothing is written to disk). That first call costs the candidates'
+compiles (seconds) and timings; inside torch.compile tracing or CUDA graph capture none happens.
 
 Determinism. Every configuration adds in a fixed order (no atomics; partials and splits summed in
 order), so one configuration on one GPU model gives bitwise the same results run after run.
@@ -175,7 +175,7 @@ FAMILIES: dict[str, Family] = {
                 "M64 N64 F32 w8 s3",  # bf16x3: three products a tile, operands twice as wide
                 "M64 N64 F32 w4 s3",
                 "M64 N32 F32 w4 s3",
-                "M64 N64 F64 w8 s2",
+                # dropped (spills, static report): M64 N64 F64 w8 s2
             ),
         },
         "in-batch forward: score tiles streamed, softplus terms reduced per row and column",
@@ -220,7 +220,7 @@ FAMILIES: dict[str, Family] = {
                 "R64 K64 w8 s3",  # a 64-row wgmma tile a warpgroup, the same registers a thread
                 "R32 K32 w4 s2",  # half the codes a tile: lighter, the online softmax takes more steps
                 "R64 K32 w8 s2",
-                "R16 K64 w4 s2",  # more programs where B is small
+                # dropped (spills): R16 K64 w4 s2
             ),
             "fp32": ("R32 K64 w8 s2", "R64 K32 w8 s2", "R32 K32 w4 s2"),
         },
@@ -231,12 +231,18 @@ FAMILIES: dict[str, Family] = {
         _sample_gradient_tiles,
         {
             "16bit": (
-                "R16 K128 G128 w8 s2",  # K 64 x G 128 partial on chip: ~250 registers
-                "R16 K128 G64 w8 s2",  # half the features a program, twice the codes
-                "R32 K64 G64 w8 s2",
-                "R16 K32 G128 w4 s2",
+                "R16 K128 G128 w8 s2",  # K 64 x G 128 partial on chip: ~254 registers, the most that holds
+                "R16 K32 G128 w8 s2",  # half the codes a tile
+                "R16 K64 G64 w8 s2",  # half the features a program (twice the programs)
+                "R16 K32 G64 w4 s2",  # a quarter of the tile on half the warps
+                # dropped (spills): R16 K128 G64 w8 s2, R32 K64 G64 w8 s2, R16 K32 G128 w4 s2
             ),
-            "fp32": ("R16 K128 G64 w8 s2", "R16 K128 G32 w4 s2", "R32 K128 G64 w8 s2"),
+            "fp32": (
+                "R16 K128 G64 w8 s2",  # K 32 x G 64 (the fp32 budget)
+                "R16 K16 G64 w8 s2",
+                "R16 K32 G32 w4 s2",
+                # dropped (spills): R16 K128 G32 w4 s2, R32 K128 G64 w8 s2
+            ),
         },
         "sampled backward: logit gradients onto residuals, occurrences and codebook partials",
     ),
@@ -245,7 +251,7 @@ FAMILIES: dict[str, Family] = {
         ("in_batch_mean._prologue_kernel",),
         _logit_tiles,
         {
-            "16bit": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R64 K32 w8 s3", "R16 K32 w4 s3"),
+            "16bit": ("R32 K32 w8 s3", "R64 K32 w4 s2", "R64 K32 w8 s3"),  # dropped (spills): R16 K32 w4 s3
             "fp32": ("R32 K32 w8 s3", "R16 K32 w4 s3", "R32 K32 w4 s2"),
         },
         "mean prologue: log Q and log P by position, the positive scores",
@@ -265,8 +271,8 @@ FAMILIES: dict[str, Family] = {
         ("in_batch_mean._epilogue_kernel",),
         _without(_gradient_tiles, "BLOCK_D"),
         {
-            "16bit": ("R16 K32 w4 s2", "R32 K32 w8 s2", "R16 K16 w4 s2", "R16 K32 w8 s3"),
-            "fp32": ("R16 K32 w8 s2", "R16 K16 w4 s2", "R32 K32 w8 s2"),
+            "16bit": ("R16 K32 w4 s2", "R16 K16 w4 s2", "R16 K32 w8 s3"),  # dropped (spills): R32 K32 w8 s2
+            "fp32": ("R16 K32 w8 s2", "R16 K16 w4 s2", "R16 K16 w8 s2"),  # dropped (spills): R32 K32 w8 s2
         },
         "mean epilogue: gradients onto residuals and codebook partials",
     ),
@@ -359,8 +365,13 @@ def candidates(family: str, wide: bool = False) -> tuple[str, ...]:
 
 def resolve(family: str, name: str, **sizes) -> dict:
     """The constexprs and launch options of configuration ``name`` of ``family`` at ``sizes``."""
+    return dict(_resolve(family, name, tuple(sorted(sizes.items()))))
+
+
+@functools.cache
+def _resolve(family: str, name: str, sizes: tuple) -> dict:  # launches on the hot path skip the parse
     caps, options = parse(name)
-    return dict(FAMILIES[family].tiles(caps, sizes), **options)
+    return dict(FAMILIES[family].tiles(caps, dict(sizes)), **options)
 
 
 # ----------------------------------------------------------------------------------------------
