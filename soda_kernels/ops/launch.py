@@ -151,10 +151,9 @@ FAMILIES: dict[str, Family] = {
         {
             "16bit": (
                 "R32 K32 w8 s2",  # two 16-row mma tiles a warp pair; ~100 registers, low pressure
-                "R64 K32 w4 s2",  # one warpgroup on a 64-row wgmma tile
-                "R64 K32 w8 s3",  # the same tile over two warpgroups, d's chunks pipelined deeper
-                "R128 K32 w8 s2",  # two warpgroups of 64 rows: the codebook tile read once for 128 rows
-                # dropped (spills at d = 128, static report): R64 K64 w4 s3, R128 K64 w8 s3
+                "R64 K32 w8 s3",  # a 64-row wgmma tile over two warpgroups, d's chunks pipelined deeper
+                # dropped (spills, static report): R64 K64 w4 s3, R128 K64 w8 s3 (d = 128);
+                # R64 K32 w4 s2, R128 K32 w8 s2 (symmetric)
             ),
             "fp32": ("R32 K32 w8 s2", "R16 K32 w4 s2", "R32 K32 w8 s3", "R64 K32 w8 s2"),
         },
@@ -202,9 +201,8 @@ FAMILIES: dict[str, Family] = {
             "16bit": (
                 "R32 K32 w8 s2",  # ~250 registers at d = 128: the largest tile that holds
                 "R16 K32 w4 s2",  # half the rows on half the warps: more programs, more partials
-                "R16 K16 w4 s3",
                 "R16 K32 w8 s2",  # fewer registers a thread: two blocks an SM
-                # dropped (spills at d = 128): R32 K16 w4 s2
+                # dropped (spills): R32 K16 w4 s2 (d = 128), R16 K16 w4 s3 (d = 32, 256)
             ),
             "fp32": ("R32 K32 w8 s2", "R16 K32 w8 s2", "R16 K16 w8 s2"),
         },
@@ -218,9 +216,8 @@ FAMILIES: dict[str, Family] = {
             "16bit": (
                 "R32 K64 w4 s2",  # ~185 registers; a program per row block and split
                 "R64 K64 w8 s3",  # a 64-row wgmma tile a warpgroup, the same registers a thread
-                "R32 K32 w4 s2",  # half the codes a tile: lighter, the online softmax takes more steps
-                "R64 K32 w8 s2",
-                # dropped (spills): R16 K64 w4 s2
+                "R64 K32 w8 s2",  # half the codes a tile: lighter, the online softmax takes more steps
+                # dropped (spills): R16 K64 w4 s2, R32 K32 w4 s2 (S = 1)
             ),
             "fp32": ("R32 K64 w8 s2", "R64 K32 w8 s2", "R32 K32 w4 s2"),
         },
@@ -240,8 +237,7 @@ FAMILIES: dict[str, Family] = {
             "fp32": (
                 "R16 K128 G64 w8 s2",  # K 32 x G 64 (the fp32 budget)
                 "R16 K16 G64 w8 s2",
-                "R16 K32 G32 w4 s2",
-                # dropped (spills): R16 K128 G32 w4 s2, R32 K128 G64 w8 s2
+                # dropped (spills): R16 K128 G32 w4 s2, R32 K128 G64 w8 s2, R16 K32 G32 w4 s2
             ),
         },
         "sampled backward: logit gradients onto residuals, occurrences and codebook partials",
