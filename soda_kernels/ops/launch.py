@@ -216,7 +216,7 @@ FAMILIES: dict[str, Family] = {
             "16bit": (
                 "R32 K64 w4 s2",  # ~185 registers; a program per row block and split
                 "R64 K64 w8 s3",  # a 64-row wgmma tile a warpgroup, the same registers a thread
-                "R64 K32 w8 s2",  # half the codes a tile: lighter, the online softmax takes more steps
+                "R64 K32 w8 s2",  # 64 rows on two warpgroups, half the codes a tile: more online-softmax steps
                 # dropped (spills): R16 K64 w4 s2, R32 K32 w4 s2 (S = 1)
             ),
             "fp32": ("R32 K64 w8 s2", "R64 K32 w8 s2", "R32 K32 w4 s2"),
