@@ -89,7 +89,7 @@ def test_committed_table_is_valid():
 
 @pytest.mark.parametrize("family", sorted(launch.FAMILIES))
 def test_every_candidate_resolves_to_tiles_and_options(family):
-    sizes = dict(codes=256, dim=128, width=384, wide=False)
+    sizes = dict(codes=256, dim=128, width=256, wide=False)
     for operands, names in launch.FAMILIES[family].candidates.items():
         assert len(names) == len(set(names)), f"{family} {operands}: a candidate listed twice"
         assert 1 <= len(names) <= 6

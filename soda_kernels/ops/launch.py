@@ -119,6 +119,17 @@ def _fixed(caps: dict, sizes: dict) -> dict:
     return tiles
 
 
+def _topk_tiles(caps: dict, sizes: dict) -> dict:
+    """distributional_topk: (users, items) score tiles and a running list of ``width`` keys a row; a
+    tile at least as wide as the list (the merge needs it), at most 32 rows past a 32-wide list (64
+    rows of a 128-wide list spill: the join holds 256 keys a row)."""
+    return dict(
+        BLOCK_M=caps["M"] if sizes["width"] <= 32 else min(caps["M"], 32),
+        BLOCK_N=max(caps["N"], sizes["width"]),
+        BLOCK_F=caps.get("F", 32 if sizes["wide"] else 64),
+    )
+
+
 def _without(rule: Callable[[dict, dict], dict], *names: str) -> Callable[[dict, dict], dict]:
     return lambda caps, sizes: {k: v for k, v in rule(caps, sizes).items() if k not in names}
 
@@ -288,6 +299,7 @@ FAMILIES: dict[str, Family] = {
         _both("M64 N64 K64 w8 s2"),
         "pairwise_kl's output tiles, K in tiles",
     ),
+    "topk": Family(("topk._topk_kernel",), _topk_tiles, _both("M64 N64 w8 s3"), "distributional_topk"),
     "reduce": Family(
         ("in_batch_pairs._finish_kernel", "sampled_negatives._finish_kernel", "in_batch_mean._finish_kernel"),
         _fixed,
@@ -331,6 +343,7 @@ INTERPRETER_TILES: dict[str, str] = {
     "match": "R16 C16 W64",
     "segments": "T16 W64",
     "rank": "R16 C16",
+    "topk": "M16 N32 F32",  # 32 items a tile: a 16-wide list takes the tile's own top-k first, a wider one not
 }
 
 
@@ -464,7 +477,7 @@ def launch_config(family: str, *, device: torch.device | None = None, batch: int
 # Host-side grid values, from the problem size and the SM count.
 
 INTERPRETER_GRID = dict(
-    sms=128, row_programs=2, min_tiles=1, partial_programs=2, bounds_programs=2, negatives_per_split=2
+    sms=128, row_programs=2, min_tiles=1, partial_programs=2, bounds_programs=2, negatives_per_split=2, topk_programs=4
 )
 
 
@@ -473,12 +486,19 @@ def grid_limits(device: torch.device | None) -> dict:
     user partials are P x B floats); min_tiles: the fewest column tiles a split streams;
     partial_programs: the most programs summing codebook partials (each L K d floats);
     bounds_programs: the index checks' programs; negatives_per_split: the fewest sampled
-    negatives a split takes (the user side costs about two samples' work)."""
+    negatives a split takes (the user side costs about two samples' work); topk_programs: the
+    programs distributional_topk aims for (row blocks x catalogue splits)."""
     if INTERPRETER:
         return INTERPRETER_GRID
     sms = _device_facts(device)[1] if device is not None and device.type == "cuda" else DEFAULT_SMS
     return dict(
-        sms=sms, row_programs=32, min_tiles=4, partial_programs=16, bounds_programs=min(32, sms), negatives_per_split=8
+        sms=sms,
+        row_programs=32,
+        min_tiles=4,
+        partial_programs=16,
+        bounds_programs=min(32, sms),
+        negatives_per_split=8,
+        topk_programs=1024,
     )
 
 
@@ -491,7 +511,8 @@ def plan_grid(family: str, config: dict, device: torch.device | None, **sizes) -
     "epilogue", "mean_grads" (batch, blocks_per_program: layers x sides),
     "log_softmax_grads" (batch, blocks_per_program: layers): programs summing codebook partials,
         each with a row block at least;
-    "bounds" (): programs of the index checks.
+    "bounds" (): programs of the index checks;
+    "topk" (batch, items): tiles_per_split, splits of the catalogue.
     """
     limits = grid_limits(device)
     target = 4 * limits["sms"]
@@ -512,6 +533,11 @@ def plan_grid(family: str, config: dict, device: torch.device | None, **sizes) -
         return dict(programs=min(triton.cdiv(sizes["batch"], config["BLOCK_R"]), limits["partial_programs"], fill))
     if family == "bounds":
         return dict(programs=limits["bounds_programs"])
+    if family == "topk":
+        row_blocks = triton.cdiv(sizes["batch"], config["BLOCK_M"])
+        tiles = triton.cdiv(sizes["items"], config["BLOCK_N"])
+        per_split = triton.cdiv(tiles, max(1, min(tiles, limits["topk_programs"] // row_blocks)))
+        return dict(tiles_per_split=per_split, splits=triton.cdiv(tiles, per_split))
     raise ValueError(f"no grid plan for family {family!r}")
 
 
