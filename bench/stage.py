@@ -482,6 +482,12 @@ STAGES = {
         dry_command=(*PYTEST, "--collect-only"),
     ),
     # Stages of other work, one line each (their CPU smoke runs are in their own bench tests).
+    "tune": Stage(
+        180,
+        "launch settings: each kernel family's candidates timed per batch bucket, the device's table written",
+        command=("{python}", "-m", "bench.tune", "{out}", "--budget-s", "170"),
+        dry_command=("{python}", "-m", "bench.tune", "{out}", "--dry-run"),
+    ),
     "topk": Stage(
         150,
         "retrieval: distributional_topk against torch.topk over B x N and the chunked torch path",

@@ -6,12 +6,18 @@
     python -m bench.static --out DIR
 
 No GPU is needed. For every case the Triton contender's forward and backward run through the public
-API on CPU tensors with every launch captured and none executed (``bench.launches.capture_launches``),
-so the kernels and their launch settings are the ones the launch helpers pick for that case on a
-GPU; nothing here names a kernel. Each distinct compile (kernel, signature, constexprs, alignment
-attributes, num_warps, num_stages) is built by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``
-and its PTX assembled by the ptxas inside the Triton wheel (``ptxas -arch=sm_90a -v``), which
-reports registers and spills. From the compile: shared memory, the ``tt.dot`` ops of the TTIR with
+API on CPU tensors with every launch captured and none executed
+(``bench.launches.capture_launches``), so the kernels and their launch settings are the ones the
+launch helpers pick for that case on a GPU; nothing here names a kernel. Each case is captured once
+per candidate round: round 0 with the default configurations (the launch counts), round i with the
+i-th candidate of every kernel family that has one forced (``soda_kernels.ops.launch``), so that
+every candidate configuration of the launch table is compiled at every case's shapes; the
+"Candidates" table lists each with its worst registers, spills and shared memory. The default grid
+adds ``CANDIDATE_CASES``, so that the float32 candidates of the sampled and "mean" families are
+compiled too. Each distinct compile (kernel, signature, constexprs, alignment attributes,
+num_warps, num_stages) is built by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and its PTX
+assembled by the ptxas inside the Triton wheel (``ptxas -arch=sm_90a -v``), which reports registers
+and spills. From the compile: shared memory, the ``tt.dot`` ops of the TTIR with
 their input precision, and whether the PTX has tensor-core instructions (``wgmma`` / ``mma``), so a
 dot that lowered to FMAs shows. Each case also gets its roofline floor and arithmetic intensity
 (``bench.roofline.work``) against nominal H200 datasheet ceilings, which are not measurements.
@@ -48,6 +54,7 @@ from bench.bench_topk import static_launches  # noqa: E402
 from bench.cases import GRIDS, HEADLINE, Case, contender, float_inputs, make_inputs  # noqa: E402
 from bench.launches import CAPTURE_TARGET, Launch, capture_launches, count_phases  # noqa: E402
 from bench.roofline import floor_ms, work  # noqa: E402
+from soda_kernels.ops import launch as launch_settings  # noqa: E402
 
 ARCH = "sm_90a"
 # Nominal H200 SXM figures from NVIDIA's datasheet (dense, no sparsity): not measured here.
@@ -59,6 +66,10 @@ CASE_SETS = {"headline": lambda: [HEADLINE], **GRIDS}
 # The retrieval kernel's captures join these sets; "topk" compiles them alone.
 CASE_SETS["topk"] = lambda: []
 EXTRA_CASE_SETS = ("default", "full", "topk")
+# Compiled with the default grid so that every operand class of every family's candidates is built.
+CANDIDATE_CASES = [Case("sampled", 4096, samples=10, dtype="float32"), Case("mean", 4096, dtype="float32")]
+# The launch family of each kernel ("module._kernel" as soda_kernels.ops.launch.FAMILIES names them).
+KERNEL_FAMILY = {kernel: family for family, spec in launch_settings.FAMILIES.items() for kernel in spec.kernels}
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -66,14 +77,32 @@ def ptxas() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
-def capture(case: Case) -> tuple[list[Launch], dict]:
+def capture(case: Case, choice: dict[str, str] | None = None) -> tuple[list[Launch], dict]:
     """The Triton launches of the Triton contender's forward + backward at the case's shapes, and
-    the launch counts of each phase with the CUDA launch settings (torch ops + Triton launches)."""
+    the launch counts of each phase with the CUDA launch settings (torch ops + Triton launches);
+    ``choice`` ({family: candidate}) forces configurations, the defaults without it."""
     inputs = make_inputs(case, 0, torch.device("cpu"))
     run = contender("triton", case, torch.device("cpu"))
-    with capture_launches() as launches:
+    with launch_settings.forced(choice or {}), capture_launches() as launches:
         counts = count_phases(lambda: run(inputs), lambda loss: torch.autograd.grad(loss, float_inputs(inputs)))
     return launches, counts
+
+
+def operands(case: Case) -> str:
+    """The operand class of the case's kernels (every input of a case has the case's dtype)."""
+    return launch_settings.operands_of(case.dtype == "float32")
+
+
+def candidate_rounds(case: Case) -> list[dict[str, str]]:
+    """Round i forces the i-th candidate of every family that has more than i (for the case's
+    operand class); round 0 is the defaults, unforced."""
+    lists = {family: spec.candidates[operands(case)] for family, spec in launch_settings.FAMILIES.items()}
+    rounds = max(len(names) for names in lists.values())
+    return [{}] + [{family: names[i] for family, names in lists.items() if i < len(names)} for i in range(1, rounds)]
+
+
+def family_of(launch: Launch) -> str | None:
+    return KERNEL_FAMILY.get(f"{launch.kernel.fn.__module__.rsplit('.', 1)[-1]}.{launch.name}")
 
 
 @dataclass
@@ -82,6 +111,7 @@ class Compiled:
 
     launch: Launch  # the first launch that asked for it
     cases: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)  # "family operands name" of the configurations it is
     report: dict = field(default_factory=dict)
 
 
@@ -195,12 +225,18 @@ def build(cases: list[Case], extra_launches: list[tuple[str, list[Launch]]] = ()
     for case in cases:
         started = time.perf_counter()
         launches, counts = capture(case)
-        uses = Counter()
-        for launch in launches:
-            entry = compiled.setdefault(launch.key(), Compiled(launch))
-            if case.name not in entry.cases:
-                entry.cases.append(case.name)
-            uses[launch.key()] += 1
+        uses = Counter(launch.key() for launch in launches)
+        for choice in candidate_rounds(case):
+            for launch in capture(case, choice)[0] if choice else launches:
+                entry = compiled.setdefault(launch.key(), Compiled(launch))
+                if case.name not in entry.cases:
+                    entry.cases.append(case.name)
+                family = family_of(launch)
+                if family is not None:
+                    name = choice.get(family, launch_settings.FAMILIES[family].candidates[operands(case)][0])
+                    label = f"{family} {operands(case)} {name}"
+                    if label not in entry.candidates:
+                        entry.candidates.append(label)
         flops_and_bytes = work(case)
         case_records.append(dict(
             name=case.name, capture_s=time.perf_counter() - started,
@@ -221,10 +257,35 @@ def build(cases: list[Case], extra_launches: list[tuple[str, list[Launch]]] = ()
         kernels.append(dict(id=index, kernel=launch.name, constexprs=_declared_constexprs(launch),
                             specialisation=_specialisation(launch), signature=launch.signature,
                             grid_example=launch.grid, autotune_config=launch.autotune_config, cases=entry.cases,
-                            problems=problems(entry.report), **entry.report))
+                            candidates=entry.candidates, problems=problems(entry.report), **entry.report))
     return dict(date=datetime.date.today().isoformat(), arch=ARCH, triton=triton.__version__,
                 torch=torch.__version__, revision=_revision(), ceilings=NOMINAL_H200, kernels=kernels,
-                cases=case_records)
+                candidates=candidate_summary(kernels), cases=case_records)
+
+
+def candidate_summary(kernels: list[dict]) -> list[dict]:
+    """Each candidate configuration that was compiled ("family operands name"), over every compile of
+    it (one per case shape): its kernels, worst registers, spill bytes, shared memory, and problems."""
+    by_label: dict[str, list[dict]] = {}
+    for kernel in kernels:
+        for label in kernel["candidates"]:
+            by_label.setdefault(label, []).append(kernel)
+    summary = []
+    for label, compiles in by_label.items():
+        family, operand_class, name = label.split(" ", 2)
+        built = [k for k in compiles if "error" not in k]
+        summary.append(dict(
+            family=family, operands=operand_class, name=name, kernels=[k["id"] for k in compiles],
+            registers=max((k["registers"] for k in built), default=None),
+            spill_bytes=sum(k["spill_store_bytes"] + k["spill_load_bytes"] for k in built),
+            shared_bytes=max((k["shared_bytes"] for k in built), default=None),
+            tensor_cores=sorted({t for k in built for t in k["tensor_cores"]}),
+            problems=sorted({f"#{k['id']}: {p}" for k in compiles for p in k["problems"]}),
+        ))
+    order = list(launch_settings.FAMILIES)
+    return sorted(summary, key=lambda c: (order.index(c["family"]), c["operands"],
+                                          launch_settings.FAMILIES[c["family"]].candidates[c["operands"]].index(
+                                              c["name"])))
 
 
 def _revision() -> str:
@@ -278,6 +339,26 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
+        "## Candidates",
+        "",
+        "Every candidate configuration of the launch table (`soda_kernels/ops/launch.py`; the first of each "
+        "family and operand class is its default), over all its compiles at the cases' shapes: the kernels (#), "
+        "the most registers a thread, the spill bytes (stored + loaded) of all of them, the most shared memory, "
+        "the tensor-core instructions found.",
+        "",
+        "| family | operands | candidate | kernels | registers (max) | spills (B) | shared KiB (max) "
+        "| tensor cores | problems |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in report["candidates"]:
+        shared = "–" if entry["shared_bytes"] is None else f"{entry['shared_bytes'] / 1024:.0f}"
+        lines.append(
+            f"| {entry['family']} | {entry['operands']} | `{entry['name']}` "
+            f"| {', '.join(map(str, entry['kernels']))} | {entry['registers']} | {entry['spill_bytes']} | {shared} "
+            f"| {', '.join(entry['tensor_cores']) or 'none'} | {'; '.join(entry['problems']) or 'none'} |"
+        )
+    lines += [
+        "",
         "## Cases",
         "",
         f"Roofline floor of forward + backward against nominal H200 ceilings (datasheet figures, not measurements): "
@@ -306,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of static-sm90a.md and .json")
     args = parser.parse_args(argv)
     extra = static_launches() if args.cases in EXTRA_CASE_SETS else []
-    report = build(CASE_SETS[args.cases](), extra)
+    report = build(CASE_SETS[args.cases]() + (CANDIDATE_CASES if args.cases == "default" else []), extra)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"static-{ARCH.replace('_', '')}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

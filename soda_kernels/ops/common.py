@@ -1,5 +1,5 @@
-"""What every Triton op of the package shares: precision, launch settings, the tile helpers and
-the two finishing kernels.
+"""What every Triton op of the package shares: precision, the tile helpers and the finishing
+kernels (launch settings: ``launch.py``).
 
 Layouts. The ops make their inputs contiguous first (a copy only where one is not), so the
 kernels take bare pointers: residuals (R, L, d), logits (R, L, K) and codebooks (L, K, d),
@@ -39,9 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Chosen by the environment, not by the tensors' device, so that a CPU process can compile the
-# CUDA configuration (python -m bench.static) while the interpreter runs the CPU tests.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import INTERPRETER, launch_config, plan_grid
 
 _FORCED_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION")
 if _FORCED_PRECISION not in (None, "ieee", "tf32x3", "bf16x3", "tf32"):
@@ -67,134 +65,6 @@ def operand_dtype(input_dtype: torch.dtype) -> torch.dtype:
     16-bit inputs (the loss within about 3e-5 of float64 at the headline shape, bf16's range so
     that no extreme logit overflows), float32 for float32 inputs (multiplied as bf16x3)."""
     return torch.float32 if input_dtype == torch.float32 else torch.bfloat16
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch settings: every kernel's tile sizes, num_warps and num_stages come from here.
-
-
-def _pow2(n: int, low: int = 16, high: int | None = None) -> int:
-    """The power of two covering ``n``, at least ``low`` (tl.dot needs 16) and at most ``high``."""
-    size = max(low, triton.next_power_of_2(max(int(n), 1)))
-    return size if high is None else min(size, high)
-
-
-def launch_config(kind: str, **sizes: int) -> dict:
-    """Constexpr tile sizes and ``num_warps`` / ``num_stages`` of one kernel family, from the
-    problem size; the interpreter (CPU tests) gets small fixed tiles, so test shapes of a few
-    dozen rows already span several tiles in every direction.
-
-    kinds and their sizes:
-      "rows"    (codes, dim, wide): a block of rows, one layer, K in tiles (prologues, epilogues);
-                d in BLOCK_D chunks for the logits, whole (BLOCK_DIM) for the residual gradients;
-                ``wide``: float32 operands
-      "scores"  (features, wide): in-batch score tiles, forward
-      "grads"   (features, wide): in-batch score tiles, backward (and the gradient chunks' width)
-      "reduce"  (): one-program reductions over B
-      "bounds"  (): the index checks' min and max, a few programs striding over the indices
-      "partials" (): elementwise sums of per-program partials
-      "match"   (width): rows summed over equal indices
-      "samples" (codes, dim, wide): sampled negatives, forward: a block of rows, K in tiles
-      "sample_grads" (codes, dim, wide): sampled negatives, backward (d's projections in BLOCK_G chunks)
-      "segments" (width): rows summed over a sorted index
-      "groups"  (): in-batch "mean", sums over the batch's groups, a chunk of features a program
-      "rank"    (): in-batch "mean", rows ranked by their positive
-      "pairwise" (codes): pairwise_kl's output tiles
-      "topk"    (width, wide): distributional_topk's score tiles and running top-k lists
-      "mean_logits", "mean_grads" (codes, dim, wide): in-batch "mean"'s prologue and epilogue ("rows")
-      "log_softmax", "log_softmax_grads" (codes, dim, wide): codebook_log_softmax ("rows")
-    """
-    if kind == "rows":
-        block_dim = _pow2(sizes["dim"])
-        block_d = min(block_dim, 32 if sizes["wide"] else 64)
-        if INTERPRETER:
-            return dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d, BLOCK_DIM=block_dim, PROGRAMS=2)
-        # the residual-gradient tiles (rows, d) and (codes, d) stay near 4K float32 elements each
-        block_r = max(16, min(32, 4096 // block_dim))
-        block_k = max(16, min(_pow2(sizes["codes"], high=32), 4096 // block_dim))
-        # PROGRAMS: programs a layer and side when a kernel sums codebook partials over row blocks
-        # (each partial is L K d floats: 16 of them keep the buffer small and fill a GPU with L >= 3)
-        return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DIM=block_dim, PROGRAMS=16,
-                    num_warps=8, num_stages=2)
-    if kind == "scores":
-        # ROW_PROGRAMS caps the programs along the rows (their column partials are ROW_PROGRAMS x B
-        # floats); MIN_TILES is the fewest column tiles a program streams. The interpreter's 2 and 1
-        # make a test batch of a few dozen rows cross row programs and splits.
-        if INTERPRETER:
-            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_F=32, ROW_PROGRAMS=2, MIN_TILES=1)
-        if sizes["wide"]:  # float32 operands in bf16x3: twice the bytes and three products a tile
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, ROW_PROGRAMS=32, MIN_TILES=4, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_F=64, ROW_PROGRAMS=32, MIN_TILES=4, num_warps=8, num_stages=3)
-    if kind == "grads":
-        if INTERPRETER:
-            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_F=32, BLOCK_G=16)
-        # a (BLOCK_M, BLOCK_N) tile of S and of C on chip, the gradient rows in BLOCK_G chunks
-        if sizes["wide"]:
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_F=32, BLOCK_G=64, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_F=64, BLOCK_G=64, num_warps=8, num_stages=3)
-    if kind == "reduce":
-        return dict(BLOCK=64) if INTERPRETER else dict(BLOCK=1024, num_warps=8)
-    if kind == "bounds":
-        return dict(BLOCK=64, PROGRAMS=2) if INTERPRETER else dict(BLOCK=1024, PROGRAMS=32, num_warps=4)
-    if kind == "partials":
-        return dict(BLOCK=256) if INTERPRETER else dict(BLOCK=1024, num_warps=4)
-    if kind == "match":
-        if INTERPRETER:
-            return dict(BLOCK_R=16, BLOCK_C=16, BLOCK_W=_pow2(sizes["width"], high=64))
-        return dict(BLOCK_R=32, BLOCK_C=32, BLOCK_W=_pow2(sizes["width"], high=64), num_warps=4)
-    if kind in ("samples", "sample_grads"):
-        block_dim = _pow2(sizes["dim"])
-        block_d = min(block_dim, 32 if sizes["wide"] else 64)
-        # sample_grads: the codebook partial (codes, BLOCK_G) and gradient rows (rows, BLOCK_G) on chip
-        block_g = min(block_dim, 64 if sizes["wide"] or INTERPRETER else 128)
-        if INTERPRETER:
-            config = dict(BLOCK_R=16, BLOCK_K=16, BLOCK_D=block_d)
-        elif kind == "samples":
-            config = dict(BLOCK_R=32, BLOCK_K=_pow2(sizes["codes"], high=64), BLOCK_D=block_d,
-                          num_warps=8 if sizes["wide"] else 4, num_stages=2)
-        else:
-            codes = (2048 if sizes["wide"] else 8192) // block_g
-            config = dict(BLOCK_R=16, BLOCK_K=max(16, min(_pow2(sizes["codes"], high=128), codes)),
-                          BLOCK_D=block_d, num_warps=8, num_stages=2)
-        return config if kind == "samples" else dict(config, BLOCK_G=block_g)
-    if kind in ("mean_logits", "mean_grads"):  # in-batch "mean": its prologue (logits), its epilogue
-        config = launch_config("rows", **sizes)
-        for name in ("BLOCK_DIM", "PROGRAMS") if kind == "mean_logits" else ("BLOCK_D",):
-            del config[name]
-        if not INTERPRETER:  # measured against the static report: no spills at the benchmark's shapes
-            config.update(dict(num_stages=3) if kind == "mean_logits" else
-                          dict(BLOCK_R=16, num_warps=8 if sizes["wide"] else 4))
-        return config
-    if kind in ("log_softmax", "log_softmax_grads"):  # codebook_log_softmax, forward and backward ("rows")
-        config = launch_config("rows", **sizes)
-        for name in ("BLOCK_DIM", "PROGRAMS") if kind == "log_softmax" else ("BLOCK_D",):
-            del config[name]
-        if not INTERPRETER:  # measured against the static report: no spills at the benchmark's shapes
-            config.update(dict(BLOCK_R=64) if kind == "log_softmax" else dict(num_warps=4))
-        return config
-    if kind == "pairwise":  # (rows of P, rows of Q) tiles of pairwise_kl, K in tiles
-        if INTERPRETER:
-            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_pow2(sizes["codes"], high=64), num_warps=8, num_stages=2)
-    if kind == "topk":  # distributional_topk: (users, items) score tiles, a running list of ``width`` keys a row
-        # PROGRAMS: the programs to aim for (row blocks x catalogue splits); a tile is at least as
-        # wide as the list, which the merge needs
-        if INTERPRETER:
-            # 32 items a tile: a 16-wide list (k <= 16) takes the tile's own top-k first, a wider one not
-            return dict(BLOCK_M=16, BLOCK_N=max(32, sizes["width"]), BLOCK_F=32, PROGRAMS=4)
-        # a 128-wide list (k up to 128) with 64 rows spills (the join holds 256 keys a row): 32 rows
-        block_m = 64 if sizes["width"] <= 32 else 32
-        return dict(BLOCK_M=block_m, BLOCK_N=max(64, sizes["width"]), BLOCK_F=32 if sizes["wide"] else 64,
-                    PROGRAMS=1024, num_warps=8, num_stages=3)
-    if kind == "rank":  # rows ranked against the batch, BLOCK_C of it at a time
-        return dict(BLOCK_R=16, BLOCK_C=16) if INTERPRETER else dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
-    if kind == "groups":  # a program streams B rows of a chunk of BLOCK_F features, BLOCK_R at a time
-        return dict(BLOCK_R=16, BLOCK_F=16) if INTERPRETER else dict(BLOCK_R=64, BLOCK_F=32, num_warps=4)
-    if kind == "segments":
-        if INTERPRETER:
-            return dict(BLOCK_T=16, BLOCK_W=_pow2(sizes["width"], high=64))
-        return dict(BLOCK_T=32, BLOCK_W=_pow2(sizes["width"], high=128), num_warps=4)
-    raise ValueError(f"unknown kernel kind {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +324,7 @@ def index_bounds(first: torch.Tensor, second: torch.Tensor | None = None) -> lis
     Where a GPU would spend a reduction kernel and two synchronisations per tensor on
     ``torch.aminmax``, the checks of positives and negatives together cost one of each."""
     config = launch_config("bounds")
-    programs = config.pop("PROGRAMS")
+    programs = plan_grid("bounds", config, first.device)["programs"]
     out = torch.empty((programs, 2, 2), dtype=torch.int64, device=first.device)
     flat_first = first.reshape(-1)
     flat_second = None if second is None else second.reshape(-1)

@@ -51,7 +51,6 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     feature_weights,
-    launch_config,
     layer_log_probs,
     layer_weight,
     load_rows,
@@ -64,6 +63,7 @@ from .common import (
     sum_rows_by_sorted_index,
 )
 from .in_batch_pairs import row_scale
+from .launch import launch_config, plan_grid, tune_if_asked
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: where others is clamped
 
@@ -439,6 +439,9 @@ def _epilogue_blocks(
         tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
 
 
+FAMILIES = ("mean_logits", "groups", "mean_grads")  # the launch families SODA_TUNE tunes for this op
+
+
 def _rank(positives):
     """(order, sorted positives, bounds) of ``_rank_kernel``."""
     batch = positives.shape[0]
@@ -458,7 +461,7 @@ def _prologue(user, items, codebooks, weights, order, sorted_positives, user_log
     log_q = items.new_empty((batch, num_layers * num_codes), dtype=torch.float32)
     log_p = torch.empty_like(log_q)
     scores = log_q.new_empty((2, batch))
-    config = launch_config("mean_logits", codes=num_codes, dim=dim,
+    config = launch_config("mean_logits", device=items.device, batch=batch, codes=num_codes, dim=dim,
                            wide=torch.float32 in (items.dtype, codebooks.dtype))
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, weights, order, sorted_positives, log_q, log_p, scores,
@@ -476,11 +479,15 @@ def in_batch_mean_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the reduced loss, and for backward: order (B,), sorted positives (B,), bounds (2, B) int32,
     scores (2, B) (ps, ms by position), counts (B,) and total (); the counts 0 or 1 per row)."""
+    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0],
+                  wide=torch.float32 in (items.dtype, codebooks.dtype),
+                  run=lambda: _forward_backward(user, items, codebooks, positives, weights, user_logits, symmetric,
+                                                temperature, user_temperature, reduction))
     order, sorted_positives, bounds = _rank(positives)
     log_q, log_p, scores = _prologue(user, items, codebooks, weights, order, sorted_positives, user_logits,
                                      symmetric, temperature, user_temperature)
     batch, num_features = log_q.shape
-    config = launch_config("groups")
+    config = launch_config("groups", device=log_q.device, batch=batch)
     chunks = triton.cdiv(num_features, config["BLOCK_F"])
     part = log_q.new_empty((chunks, batch))
     _mean_scores_kernel[(chunks,)](
@@ -515,17 +522,18 @@ def in_batch_mean_backward(
     batch, num_features = log_q.shape
     num_layers, num_codes, dim = codebooks.shape
     grad_output = grad_output.float().contiguous()
-    groups = launch_config("groups")
+    groups = launch_config("groups", device=log_q.device, batch=batch)
     others, group_grad = torch.empty_like(log_q), torch.empty_like(log_q)
     _mean_grads_kernel[(triton.cdiv(num_features, groups["BLOCK_F"]),)](
         log_q, log_p, others, group_grad, torch.empty_like(log_q), torch.empty_like(log_q), bounds, order, weights,
         scores, grad_output, counts, total, batch, num_codes, num_features,
         SYMMETRIC=symmetric, REDUCTION=reduction, **groups,
     )
-    rows = launch_config("mean_grads", codes=num_codes, dim=dim, wide=torch.float32 in (items.dtype, codebooks.dtype))
+    rows = launch_config("mean_grads", device=items.device, batch=batch, codes=num_codes, dim=dim,
+                         wide=torch.float32 in (items.dtype, codebooks.dtype))
     grad_user = torch.empty_like(user)
     item_row_grad = items.new_empty((batch, num_layers, dim), dtype=torch.float32)
-    programs = min(rows.pop("PROGRAMS"), triton.cdiv(batch, rows["BLOCK_R"]))  # each with a block at least
+    programs = plan_grid("mean_grads", rows, items.device, batch=batch, blocks_per_program=2 * num_layers)["programs"]
     codebook_part = codebooks.new_empty((programs, 1 if user_logits else 2, num_layers, num_codes, dim),
                                         dtype=torch.float32)
     _epilogue_kernel[(programs, num_layers, 2)](
@@ -541,6 +549,13 @@ def in_batch_mean_backward(
 @in_batch_mean_backward.register_fake
 def _(grad_output, user, items, codebooks, *saved_and_options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _forward_backward(user, items, codebooks, positives, weights, *options):
+    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
+    _, *saved = in_batch_mean_op(user, items, codebooks, positives, weights, *options)
+    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
+    return in_batch_mean_backward(grad_output, user, items, codebooks, positives, weights, *saved, *options)
 
 
 def _setup_context(ctx, inputs, output):

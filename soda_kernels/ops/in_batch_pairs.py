@@ -65,7 +65,6 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
-    launch_config,
     layer_log_probs,
     layer_weight,
     load_rows,
@@ -79,6 +78,7 @@ from .common import (
     sum_partials,
     sum_rows_by_index,
 )
+from .launch import launch_config, plan_grid, tune_if_asked
 
 REDUCTION_PAIRS = {"items": 1, "users": 1, "both": 2}  # terms per valid pair
 
@@ -504,8 +504,8 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     bm = torch.empty_like(a)
     rb, cb, diag = (torch.empty(batch, dtype=torch.float32, device=user.device) for _ in range(3))
     lse = torch.empty((2, batch, num_layers), dtype=torch.float32, device=user.device)
-    config = launch_config("rows", codes=num_codes, dim=dim, wide=dtype == torch.float32)
-    del config["BLOCK_DIM"], config["PROGRAMS"]  # the prologue forms logits only, a program per row block
+    config = launch_config("prologue", device=user.device, batch=batch, codes=num_codes, dim=dim,
+                           wide=dtype == torch.float32)
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
         batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
@@ -514,15 +514,7 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     return a, bm, rb, cb, diag, lse
 
 
-def _forward_grid(batch: int, config: dict) -> tuple[int, int, int]:
-    """(row programs P, column tiles per split, number of splits) of the forward: P at most
-    ROW_PROGRAMS (the users' partials are P x B), splits enough to fill a GPU (about 512
-    programs), each streaming at least MIN_TILES column tiles."""
-    row_programs = min(triton.cdiv(batch, config["BLOCK_M"]), config["ROW_PROGRAMS"])
-    col_tiles = triton.cdiv(batch, config["BLOCK_N"])
-    splits = max(1, min(triton.cdiv(512, row_programs), col_tiles // config["MIN_TILES"]))
-    per_split = triton.cdiv(col_tiles, splits)
-    return row_programs, per_split, triton.cdiv(col_tiles, per_split)
+FAMILIES = ("prologue", "scores", "grads", "epilogue")  # the launch families SODA_TUNE tunes for this op
 
 
 @torch.library.custom_op("soda_kernels::in_batch_pairs", mutates_args=())
@@ -532,12 +524,16 @@ def in_batch_pairs_op(
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the reduced loss, T_b (B,) and sum_b T_b (), float32; the counts are kept for backward)."""
+    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0],
+                  wide=operand_dtype(torch.promote_types(user.dtype, items.dtype)) == torch.float32,
+                  run=lambda: _forward_backward(user, items, codebooks, positives, weights, in_batch, user_logits,
+                                                symmetric, temperature, user_temperature, reduction))
     a, bm, rb, cb, diag, _ = _operands(user, items, codebooks, positives, weights, user_logits, symmetric,
                                        temperature, user_temperature)
     batch, features = a.shape
-    config = launch_config("scores", features=features, wide=a.dtype == torch.float32)
-    row_programs, per_split, splits = _forward_grid(batch, config)
-    del config["ROW_PROGRAMS"], config["MIN_TILES"]
+    config = launch_config("scores", device=a.device, batch=batch, wide=a.dtype == torch.float32)
+    grid = plan_grid("scores", config, a.device, batch=batch)
+    row_programs, per_split, splits = grid["row_programs"], grid["tiles_per_split"], grid["splits"]
     items_on, users_on = in_batch in ("items", "both"), in_batch in ("users", "both")
     item_part = a.new_empty((splits, batch), dtype=torch.float32)
     count_part = torch.empty_like(item_part)
@@ -574,7 +570,7 @@ def in_batch_pairs_backward(
     batch, features = a.shape
     num_layers, num_codes, dim = codebooks.shape
     grad_output = grad_output.float().contiguous()
-    grads = launch_config("grads", features=features, wide=a.dtype == torch.float32)
+    grads = launch_config("grads", device=a.device, batch=batch, wide=a.dtype == torch.float32)
     row_blocks = triton.cdiv(batch, grads["BLOCK_M"])
     grad_a = torch.empty((batch, features), dtype=torch.float32, device=a.device)
     grad_bm = torch.empty_like(grad_a)
@@ -584,8 +580,9 @@ def in_batch_pairs_backward(
         batch, features, row_blocks, ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"),
         REDUCTION=reduction, PRECISION=SCORE_PRECISION, **grads,
     )
-    rows = launch_config("rows", codes=num_codes, dim=dim, wide=a.dtype == torch.float32)
-    programs = min(triton.cdiv(batch, rows["BLOCK_R"]), rows.pop("PROGRAMS"))
+    rows = launch_config("epilogue", device=a.device, batch=batch, codes=num_codes, dim=dim,
+                         wide=a.dtype == torch.float32)
+    programs = plan_grid("epilogue", rows, a.device, batch=batch, blocks_per_program=2 * num_layers)["programs"]
     grad_user = torch.empty(user.shape, dtype=user.dtype, device=user.device)
     item_row_grad = torch.empty((batch, num_layers, dim), dtype=torch.float32, device=items.device)
     codebook_part = torch.empty((1 if user_logits else 2, programs, num_layers, num_codes, dim),
@@ -604,6 +601,13 @@ def in_batch_pairs_backward(
 @in_batch_pairs_backward.register_fake
 def _(grad_output, user, items, codebooks, positives, weights, counts, total, *options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _forward_backward(user, items, codebooks, positives, weights, *options):
+    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
+    _, counts, total = in_batch_pairs_op(user, items, codebooks, positives, weights, *options)
+    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
+    return in_batch_pairs_backward(grad_output, user, items, codebooks, positives, weights, counts, total, *options)
 
 
 def _setup_context(ctx, inputs, output):

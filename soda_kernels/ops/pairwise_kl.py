@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import SCORE_PRECISION, launch_config, layer_weight, load_logits, log_sum_exp_update
+from .common import SCORE_PRECISION, layer_weight, load_logits, log_sum_exp_update
+from .launch import launch_config
 
 
 @triton.jit

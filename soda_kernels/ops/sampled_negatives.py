@@ -53,10 +53,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    INTERPRETER,
     LOGIT_PRECISION,
     codebook_logits,
-    launch_config,
     layer_log_probs,
     layer_weight,
     load_rows,
@@ -69,6 +67,7 @@ from .common import (
     sum_rows_by_sorted_index,
 )
 from .in_batch_pairs import row_scale
+from .launch import launch_config, plan_grid, tune_if_asked
 
 SUMMARY = 4
 
@@ -347,13 +346,7 @@ def _backward_kernel(
                  mask=row_mask[:, None] & g_mask[None, :])
 
 
-def _splits(programs: int, num_negatives: int) -> tuple[int, int]:
-    """(negatives per split, number of splits) for a grid of ``programs`` programs per split:
-    enough splits to give a GPU about 512 programs, each with at least 8 negatives (the user side
-    costs about two samples' work; 2 in the interpreter, so that the tests cross splits)."""
-    most = max(1, triton.cdiv(num_negatives, 2 if INTERPRETER else 8))
-    size = max(1, triton.cdiv(num_negatives, min(most, max(1, triton.cdiv(512, programs)))))
-    return size, max(1, triton.cdiv(num_negatives, size))
+FAMILIES = ("samples", "sample_grads")  # the launch families SODA_TUNE tunes for this op
 
 
 def _wide(items: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -371,9 +364,14 @@ def sampled_bpr_op(
     the users' log-sum-exps (B, L), T_b (B,), sum_b T_b (), sigma_b (B,); all float32)."""
     (batch, num_negatives), num_layers = negatives.shape, codebooks.shape[0]
     num_codes, dim = codebooks.shape[1:]
-    config = launch_config("samples", codes=num_codes, dim=dim, wide=_wide(items, codebooks))
+    tune_if_asked(FAMILIES, device=user.device, batch=batch, wide=_wide(items, codebooks),
+                  run=lambda: _forward_backward(user, items, codebooks, positives, negatives, weights, user_logits,
+                                                symmetric, temperature, user_temperature, reduction))
+    config = launch_config("samples", device=user.device, batch=batch, codes=num_codes, dim=dim,
+                           wide=_wide(items, codebooks))
     row_blocks = triton.cdiv(batch, config["BLOCK_R"])
-    split_size, splits = _splits(row_blocks, num_negatives)
+    grid = plan_grid("samples", config, user.device, row_blocks=row_blocks, negatives=num_negatives)
+    split_size, splits = grid["split_size"], grid["splits"]
     summary = user.new_empty((batch, 1 + num_negatives, num_layers, SUMMARY), dtype=torch.float32)
     user_lse = user.new_empty((batch, num_layers), dtype=torch.float32)
     scores = user.new_empty((batch, 1 + num_negatives), dtype=torch.float32)
@@ -412,7 +410,8 @@ def sampled_bpr_backward(
     user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (batch, num_negatives), (num_layers, num_codes, dim) = negatives.shape, codebooks.shape
-    config = launch_config("sample_grads", codes=num_codes, dim=dim, wide=_wide(items, codebooks))
+    config = launch_config("sample_grads", device=user.device, batch=batch, codes=num_codes, dim=dim,
+                           wide=_wide(items, codebooks))
     row_blocks = triton.cdiv(batch, config["BLOCK_R"])
     grad_user = torch.empty_like(user)
     occurrence_grad = items.new_empty((batch, 1 + num_negatives, num_layers, dim), dtype=torch.float32)
@@ -433,6 +432,13 @@ def sampled_bpr_backward(
 @sampled_bpr_backward.register_fake
 def _(grad_output, user, items, codebooks, positives, negatives, weights, *saved_and_options):
     return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
+
+
+def _forward_backward(user, items, codebooks, positives, negatives, weights, *options):
+    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
+    _, *saved = sampled_bpr_op(user, items, codebooks, positives, negatives, weights, *options)
+    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
+    return sampled_bpr_backward(grad_output, user, items, codebooks, positives, negatives, weights, *saved, *options)
 
 
 def _setup_context(ctx, inputs, output):

@@ -8,7 +8,7 @@ G = dLoss/dlog P:
     dLoss/da_k = G_k - P_k sum_j G_j          (sums to 0 over k)
 
 two passes over the K tiles (the row sums of G, then the logit gradient), projected onto the
-residuals and the codebook (``project_into_partial``); a program takes every PROGRAMS-th block of
+residuals and the codebook (``project_into_partial``); a program takes every P-th block of
 rows, so that the codebook partials, summed in a fixed order by ``sum_partials``, stay few.
 """
 
@@ -21,12 +21,12 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     codebook_logits,
-    launch_config,
     load_rows,
     log_sum_exp,
     project_into_partial,
     sum_partials,
 )
+from .launch import launch_config, plan_grid
 
 
 @triton.jit
@@ -124,7 +124,8 @@ def codebook_log_softmax_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     (num_rows, num_layers, dim), num_codes = x.shape, codebooks.shape[1]
     config = _config("log_softmax_grads", x, codebooks)
-    programs = min(config.pop("PROGRAMS"), triton.cdiv(num_rows, config["BLOCK_R"]))  # each with a block at least
+    grid = plan_grid("log_softmax_grads", config, x.device, batch=num_rows, blocks_per_program=num_layers)
+    programs = grid["programs"]
     grad_x = torch.empty_like(x)
     codebook_part = codebooks.new_empty((programs, num_layers, num_codes, dim), dtype=torch.float32)
     _backward_kernel[(programs, num_layers)](

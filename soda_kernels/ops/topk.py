@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from ..torch_backend import TOPK_EMPTY, decode_topk_keys
-from .common import SCORE_PRECISION, launch_config, mma
+from .common import SCORE_PRECISION, mma
+from .launch import launch_config, plan_grid
 
 # The widest running list a program keeps on chip (k is padded to a power of two up to it).
 TOPK_MAX_K = 128
@@ -156,11 +157,9 @@ def distributional_topk(rows, row_bias, probs, log_probs, item_bias, excluded_ro
     symmetric = width == 2 * num_features
     list_width = topk_list_width(k)
     config = launch_config("topk", width=list_width, wide=rows.dtype == torch.float32)
-    programs = config.pop("PROGRAMS")
     row_blocks = triton.cdiv(batch, config["BLOCK_M"])
-    tiles = triton.cdiv(num_items, config["BLOCK_N"])
-    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, programs // row_blocks)))
-    splits = triton.cdiv(tiles, tiles_per_split)
+    grid = plan_grid("topk", config, rows.device, batch=batch, items=num_items)
+    tiles_per_split, splits = grid["tiles_per_split"], grid["splits"]
     offsets = excluded = None
     if excluded_items.numel() > 0:  # each row's items ascending: sort the (row, item) pairs by row N + item
         excluded = torch.sort(excluded_rows * num_items + excluded_items).values % num_items
