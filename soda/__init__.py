@@ -7,5 +7,6 @@ leave-one-out split), ``soda.embeddings`` (offline sentence encoder), ``soda.tok
 ``soda.etegrec`` (the other backbones), ``soda.baselines`` (MostPop, SASRec), ``soda.metrics``,
 ``soda.train`` (the training loop), ``soda.recipes`` (the runs and presets), ``soda.experiment``
 (the resumable reproduction experiment and its tables); helpers ``soda.atomic`` (atomic file
-writes), ``soda.progress`` (progress bars or log lines) and ``soda.distributed`` (torchrun).
+writes), ``soda.extras`` (the optional packages, located before a run writes anything),
+``soda.progress`` (progress bars or log lines) and ``soda.distributed`` (torchrun).
 """

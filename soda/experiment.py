@@ -45,6 +45,9 @@ from soda.metrics import METRICS
 from soda.recipes import BACKBONES, RunConfig, train_baselines, train_generative
 
 BASELINES = ("mostpop", "sasrec")
+# The committed records and tables (a clone's results/), and the converged experiment's stem
+REPOSITORY_RESULTS = Path(__file__).resolve().parents[1] / "results"
+CONVERGED_DATASET, CONVERGED_PRESET = "ml-100k", "cpu-converged"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_K = 10  # the bootstraps compare Recall@10
 Z_95 = 1.96  # the standard normal's 97.5% quantile: a two-sided 95% interval is ±1.96 standard errors
@@ -435,3 +438,38 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path.with_name(path.name + ".json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(path.with_name(path.name + ".md"), "\n".join(lines) + "\n")
+
+
+def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
+    """Two lines on what the converged experiment on ml-100k found, from the committed records under
+    ``results_dir`` (those of results/<stem>.md and <stem>-ablation.md): TIGER+SODA against TIGER,
+    and against its control (the same alternation without SODA's term, ``tiger+soda weight=0``),
+    each change with its paired bootstrap's 95% interval over the test users (``compare``); the
+    main job prints them beside its short run's table."""
+    stem = table_stem(CONVERGED_DATASET, CONVERGED_PRESET)
+    records_dir = results_dir / CONVERGED_DATASET / CONVERGED_PRESET
+    seeds = sorted(int(path.stem.rpartition("seed")[2]) for path in records_dir.glob("tiger-seed*.json"))
+    records = {
+        name: read_records(records_dir, name, max(seeds, default=-1) + 1)
+        for name in ("tiger", "tiger+soda", "tiger+soda weight=0")
+    }
+    if not all(records.values()):
+        return [f"(the converged experiment, results/{stem}.md and {stem}-ablation.md, is in a clone's results/)"]
+    soda = compare("tiger", records["tiger"], records["tiger+soda"])
+    control = compare("tiger", records["tiger"], records["tiger+soda weight=0"])
+    over_control = compare("tiger+soda weight=0", records["tiger+soda weight=0"], records["tiger+soda"])
+
+    def change(comparison: dict) -> str:
+        bootstrap = comparison["users_bootstrap"]
+        return f"{percent(comparison['change'])} (95% {percent(bootstrap['low'])} to {percent(bootstrap['high'])})"
+
+    low, high = over_control["users_bootstrap"]["low"], over_control["users_bootstrap"]["high"]
+    told = "above zero" if low > 0 else "below zero" if high < 0 else "not told from zero"
+    return [
+        f"The verdict is not this short run's but the converged experiment's ({len(soda['seeds'])} seeds, "
+        f"results/{stem}.md): tiger+soda Recall@10 {soda['variant_recall@10']:.4f} against tiger "
+        f"{soda['base_recall@10']:.4f}, {change(soda)}.",
+        f"Its control, the same alternation without SODA's term (tiger+soda weight=0, results/{stem}-ablation.md,"
+        f" {len(control['seeds'])} seeds): {control['variant_recall@10']:.4f}, {change(control)} on tiger; "
+        f"tiger+soda on it {change(over_control)}: the term's own share {told}.",
+    ]

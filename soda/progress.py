@@ -1,6 +1,7 @@
-"""Progress of long loops on stderr: a tqdm bar on a terminal; in a log file (stderr not a
-terminal) one plain line every ``interval`` seconds, so that ``make demo > log 2>&1`` stays
-readable instead of filling with carriage-return updates."""
+"""Progress of long loops on stderr: a tqdm bar on a terminal (when tqdm, of the data extra, is
+installed); in a log file (stderr not a terminal), or without tqdm, one plain line every
+``interval`` seconds, so that ``make demo > log 2>&1`` stays readable instead of filling with
+carriage-return updates."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from soda.extras import installed
 
 INTERVAL_S = 30.0
 Item = TypeVar("Item")
@@ -25,9 +26,12 @@ class Progress(Iterable[Item]):
     def __init__(self, iterable: Iterable[Item], description: str, enabled: bool = True, interval: float = INTERVAL_S):
         self.iterable, self.description, self.interval = iterable, description, interval
         self.total = len(iterable) if hasattr(iterable, "__len__") else None
-        on_terminal = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=self.total, desc=description, leave=False) if on_terminal else None
-        self.lines = enabled and not on_terminal
+        self.bar = None
+        if enabled and sys.stderr.isatty() and installed("tqdm"):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=description, leave=False)
+        self.lines = enabled and self.bar is None
         self.postfix = ""
 
     def set_postfix(self, text: str) -> None:

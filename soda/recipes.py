@@ -1,8 +1,9 @@
 """Run recipes: every model the command line trains, from the dataset to its metrics.
 
 ``RunConfig`` holds one run's configuration (a dataclass per component, with its published
-defaults); ``PRESETS`` the published sizes ("tiger", for a GPU), the CPU demo ("cpu", a fixed
-four-epoch budget) and the CPU reproduction at convergence ("cpu-converged", early stopping).
+defaults); ``PRESETS`` the published sizes ("tiger", for a GPU), the main job on a GPU ("gpu":
+those sizes, early stopping), the CPU demo ("cpu", a fixed four-epoch budget) and the CPU
+reproduction at convergence ("cpu-converged", early stopping).
 ``train_generative`` trains TIGER, LETTER or ETEGRec, each with or without SODA, and
 ``train_baselines`` MostPop and SASRec, all through ``soda.train.fit``.
 """
@@ -59,6 +60,14 @@ CPU_RECOMMENDER = RecommenderConfig(
 PRESETS = {
     # TIGER's published sizes (for a GPU).
     "tiger": RunConfig(),
+    # The main job on a GPU (python -m soda main on CUDA): TIGER's published sizes, trained as the
+    # converged CPU preset is (early stopping after epoch 10, at most 50 epochs; the joint run
+    # alternates 4 cycles after 2 warm-up epochs).
+    "gpu": RunConfig(
+        train=TrainConfig(epochs=50, patience=5, min_epochs=10),
+        sasrec_train=TrainConfig(epochs=100, patience=5, min_epochs=10),
+        schedule=Schedule(warmup_epochs=2, cycles=4),
+    ),
     # Fits ml-100k on a 2-core CPU in about ten minutes, end to end: four recommender epochs.
     "cpu": RunConfig(
         tokenizer=TokenizerConfig(epochs=300),

@@ -23,6 +23,7 @@ import torch.nn as nn
 from soda import distributed
 from soda.atomic import save_atomic, write_atomic
 from soda.data import Examples, Split
+from soda.extras import require
 from soda.metrics import KS, METRICS, ranking_metrics, target_ranks
 from soda.progress import Progress
 
@@ -228,8 +229,14 @@ def write_metrics(out_dir: Path, result: dict) -> None:
     write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
 
 
+def require_plotting() -> None:
+    """Raise ``soda.extras.MissingPackage`` if matplotlib, which draws curves.png, is missing."""
+    require("training-curve plots (curves.png)", "matplotlib")
+
+
 def plot_curves(path: Path, state: dict, extra_curves: dict[str, list[float]]) -> None:
     """Training loss per epoch, validation metrics per evaluation, and any extra curves."""
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")

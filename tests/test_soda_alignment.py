@@ -81,7 +81,7 @@ def test_schedule_and_switch_reject_what_they_cannot_do():
 
 def test_cli_switch_configures_soda():
     def args(**soda_options):
-        return argparse.Namespace(preset="cpu", epochs=None, min_interactions=None, **soda_options)
+        return argparse.Namespace(preset="cpu", epochs=None, rqvae_epochs=None, min_interactions=None, **soda_options)
 
     assert configure(args()).soda is None  # main / baselines: no SODA flags at all
     options = dict(soda_weight=0.5, soda_temperature=2.0, soda_in_batch="both", soda_side="tokenizer")
