@@ -488,6 +488,11 @@ STAGES = {
         command=("{python}", "-m", "bench.tune", "{out}", "--budget-s", "170"),
         dry_command=("{python}", "-m", "bench.tune", "{out}", "--dry-run"),
     ),
+    "train": Stage(
+        180,
+        "the main job's TIGER + SODA trained through the fused kernels against the torch backend",
+        command=("{python}", "-m", "bench.train_parity", "{out}"),
+    ),
     "topk": Stage(
         150,
         "retrieval: distributional_topk against torch.topk over B x N and the chunked torch path",
