@@ -39,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Chosen by the environment, not by the tensors' device, so that a CPU process can compile the
-# CUDA configuration (python -m bench.static) while the interpreter runs the CPU tests.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# INTERPRETER (TRITON_INTERPRET=1 at import): chosen by the environment, not by the tensors'
+# device, so that a CPU process can compile the CUDA configuration (python -m bench.static) while
+# the interpreter runs the CPU tests.
+from .._triton import INTERPRETER
 
 _FORCED_PRECISION = os.environ.get("SODA_FP32_DOT_PRECISION")
 if _FORCED_PRECISION not in (None, "ieee", "tf32x3", "bf16x3", "tf32"):
