@@ -126,7 +126,9 @@ def check_option(name: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_layer_weights(value, num_layers: int | None, device: torch.device, values: bool = True) -> torch.Tensor | None:
+def check_layer_weights(
+    value, num_layers: int | None, device: torch.device, values: bool = True
+) -> torch.Tensor | None:
     """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` (any number for None)
     non-negative weights (finiteness and sign checked only with ``values``), not requiring grad.
 
