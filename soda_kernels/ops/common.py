@@ -214,6 +214,17 @@ def feature_weights(weights_ptr, features, num_codes, mask):
 
 
 @triton.jit
+def checked_rows(index, mask, num_rows):
+    """Indices loaded under ``mask`` (BLOCK,) into a table of ``num_rows`` rows, made safe to read:
+    (the index where it lies in [0, num_rows), else 0; whether it does). Nothing outside the table
+    is ever read (row 0 stands in: the callers have num_rows >= 1), and the caller makes what it
+    computes from a stand-in NaN: the value checks may have been skipped (validate=False,
+    torch.compile), and an index outside its range must show in the loss, not be read."""
+    inside = mask & (index >= 0) & (index < num_rows)
+    return tl.where(inside, index, 0), inside
+
+
+@triton.jit
 def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
     e = tl.exp(-tl.abs(x))
@@ -480,14 +491,15 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @triton.jit
 def _sum_rows_by_index_kernel(
-    rows_ptr, index_ptr, out_ptr, num_rows, width,
+    rows_ptr, index_ptr, out_ptr, num_rows, num_targets, width,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """out[index[r]] = sum of rows[r'] over every r' with index[r'] == index[r], written once, by
     the first such r, for the columns of this program's width block.
 
     rows_ptr: (num_rows, width) float32; index_ptr: (num_rows,) int64; out_ptr: (num_targets,
-    width) in the gradient's dtype, rows no index names left as they are. The sum over a block of
+    width) in the gradient's dtype, rows no index names left as they are (an index outside
+    [0, num_targets) writes nothing). The sum over a block of
     candidate rows is a product with the 0/1 match matrix in float32 FMAs ("ieee": exact products),
     taken only for the blocks that hold a match, so the order of the additions is fixed.
     """
@@ -507,8 +519,9 @@ def _sum_rows_by_index_kernel(
             values = tl.load(rows_ptr + others[:, None] * width + columns[None, :],
                              mask=other_mask[:, None] & column_mask[None, :], other=0.0)
             total = tl.dot(match.to(tl.float32), values, total, input_precision="ieee")
-    out = out_ptr + index[:, None] * width + columns[None, :]
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=first[:, None] & column_mask[None, :])
+    target, inside = checked_rows(index, first, num_targets)
+    out = out_ptr + target[:, None] * width + columns[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=inside[:, None] & column_mask[None, :])
 
 
 def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int, dtype: torch.dtype) -> torch.Tensor:
@@ -518,7 +531,7 @@ def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int,
     out = torch.zeros((num_targets, *rows.shape[1:]), dtype=dtype, device=rows.device)
     config = launch_config("match", width=width)
     grid = (triton.cdiv(rows.shape[0], config["BLOCK_R"]), triton.cdiv(width, config["BLOCK_W"]))
-    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], width, **config)
+    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], num_targets, width, **config)
     return out
 
 

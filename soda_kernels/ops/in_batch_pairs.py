@@ -65,6 +65,7 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
+    checked_rows,
     launch_config,
     layer_log_probs,
     layer_weight,
@@ -103,7 +104,7 @@ def row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION: tl.con
 def _prologue_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr,
     a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, lse_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -113,11 +114,13 @@ def _prologue_kernel(
     codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; weights_ptr: (L,) float32 or None (all ones).
     Writes a_ptr, bm_ptr: (B, F) operands in their dtype; rb_ptr, cb_ptr: (B,) biases (rb = 0
     unless SYMMETRIC); diag_ptr: (B,) S[b, b] = A[b] . Bm[b] + rb[b] + cb[b] with the rounded
-    operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits.
+    operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits. A
+    positive outside [0, N) gets a NaN log-sum-exp, so its P, its operands and scores are NaN.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
-    item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+    item_rows, inside = checked_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), row_mask, num_items)
+    outside = tl.where(inside | ~row_mask, 0.0, float("nan"))
     user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes * (2 if SYMMETRIC else 1)
     row_bias = tl.zeros((BLOCK_R,), tl.float32)
@@ -130,8 +133,8 @@ def _prologue_kernel(
         codebook = codebooks_ptr + layer * num_codes * dim
         lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        lse_p = log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
-                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_p = outside + log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
+                                      inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         tl.store(lse_ptr + rows * num_layers + layer, lse_q, mask=row_mask)
         tl.store(lse_ptr + (batch + rows) * num_layers + layer, lse_p, mask=row_mask)
         for k_start in range(0, num_codes, BLOCK_K):
@@ -451,7 +454,7 @@ def _epilogue_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr, lse_ptr,
     a_ptr, bm_ptr, grad_a_ptr, grad_bm_ptr, sums_ptr, diag_parts_ptr,
     grad_user_ptr, item_row_grad_ptr, codebook_part_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -482,7 +485,7 @@ def _epilogue_kernel(
         else:
             lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
             bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
-            item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+            item_rows, _ = checked_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), row_mask, num_items)
             if USER_LOGITS:
                 part = program
             else:
@@ -508,7 +511,7 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     del config["BLOCK_DIM"], config["PROGRAMS"]  # the prologue forms logits only, a program per row block
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     return a, bm, rb, cb, diag, lse
@@ -593,7 +596,7 @@ def in_batch_pairs_backward(
     _epilogue_kernel[(programs, num_layers, 2)](
         user, items, codebooks, positives, weights, lse, a, bm, grad_a, grad_bm, sums, diag_parts,
         grad_user, item_row_grad, codebook_part,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **rows,
     )
     grad_items = sum_rows_by_index(item_row_grad, positives, items.shape[0], items.dtype)
