@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -21,10 +23,15 @@ def interpreter_set_late() -> bool:
 
 
 @functools.cache
-def triton_missing() -> str | None:
-    """Why Triton cannot be imported (the error's text), or None when it can."""
+def _import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as error:
         return str(error) or type(error).__name__
     return None
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as it is, without tracing the import
+def triton_missing() -> str | None:
+    """Why Triton cannot be imported (the error's text), or None when it can."""
+    return _import_error()

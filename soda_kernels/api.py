@@ -140,8 +140,23 @@ def distributional_bpr(
             loop. Shapes, dtypes, devices and options are always checked. The value checks are
             skipped while ``torch.compile`` traces, so a compiled call never syncs.
 
+    Options take Python, numpy or 0-d tensor (not requiring grad) numbers and bools.
+
     Returns:
-        A float32 scalar (float64 for float64 inputs), or (B,) with ``reduction="none"``.
+        A float32 scalar, or (B,) with ``reduction="none"``. Inputs may mix dtypes: the arithmetic
+        and the loss are float32, float64 where any input is float64 (the torch backend only; the
+        Triton backend refuses float64); each gradient comes in its input's dtype. B = 0 gives 0.0
+        (an empty (0,) tensor for "none") with zero gradients.
+
+    Unchecked indices (``validate=False``, ``torch.compile``): an index outside [0, N) (or a -1 in
+    ``positives``, or below -1 in ``negatives``) is never read; it makes the item's distribution
+    NaN, so the loss is NaN: for "none", the row holding it and, in-batch "items" / "both", every
+    row that has it as a negative; the gradients are NaN (the codebooks' throughout).
+
+    Non-finite inputs are not checked (a host synchronisation): a NaN or +-inf in ``user``,
+    ``items`` or ``codebooks``, or a ``user_logits`` row with -inf entries (codes of probability
+    0), gives a NaN or +inf loss (its rows for "none", those whose terms use it) and non-finite
+    gradients, the same on both backends.
     """
     checked, weights = check_distributional_bpr(
         user, items, codebooks, positives, negatives, user_logits=user_logits, in_batch=in_batch,
