@@ -214,14 +214,12 @@ def feature_weights(weights_ptr, features, num_codes, mask):
 
 
 @triton.jit
-def checked_rows(index, mask, num_rows):
-    """Indices loaded under ``mask`` (BLOCK,) into a table of ``num_rows`` rows, made safe to read:
-    (the index where it lies in [0, num_rows), else 0; whether it does). Nothing outside the table
-    is ever read (row 0 stands in: the callers have num_rows >= 1), and the caller makes what it
-    computes from a stand-in NaN: the value checks may have been skipped (validate=False,
-    torch.compile), and an index outside its range must show in the loss, not be read."""
-    inside = mask & (index >= 0) & (index < num_rows)
-    return tl.where(inside, index, 0), inside
+def clamp_rows(index, num_rows):
+    """Indices into a table of ``num_rows`` >= 1 rows clamped into [0, num_rows), so that an index
+    outside the table is never read: the value checks may have been skipped (validate=False,
+    torch.compile), and the caller makes what it computes from a clamped index NaN, so that the
+    error shows in the loss. (A clamp, not a select on the range check, which costs registers.)"""
+    return tl.minimum(tl.maximum(index, 0), num_rows - 1)
 
 
 @triton.jit
@@ -519,8 +517,8 @@ def _sum_rows_by_index_kernel(
             values = tl.load(rows_ptr + others[:, None] * width + columns[None, :],
                              mask=other_mask[:, None] & column_mask[None, :], other=0.0)
             total = tl.dot(match.to(tl.float32), values, total, input_precision="ieee")
-    target, inside = checked_rows(index, first, num_targets)
-    out = out_ptr + target[:, None] * width + columns[None, :]
+    inside = first & (index >= 0) & (index < num_targets)
+    out = out_ptr + tl.where(inside, index, 0)[:, None] * width + columns[None, :]
     tl.store(out, total.to(out_ptr.dtype.element_ty), mask=inside[:, None] & column_mask[None, :])
 
 

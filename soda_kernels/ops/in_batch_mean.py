@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .common import (
     LOGIT_PRECISION,
-    checked_rows,
+    clamp_rows,
     feature_weights,
     launch_config,
     layer_log_probs,
@@ -113,14 +113,13 @@ def _prologue_kernel(
     user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
     codebooks_ptr: (L, K, d); weights_ptr: (L,) float32 or None (all ones); order_ptr, sorted_positives_ptr: (B,)
     int64 from ``_rank_kernel``. Writes log_q_ptr, log_p_ptr: (B, L K) float32 by position and
-    scores_ptr[0] (2, B) float32; a positive outside [0, N) gets a NaN log P and score.
+    scores_ptr[0] (2, B) float32; a positive outside [0, N) is read clamped (``clamp_rows``) and
+    gets a NaN score.
     """
     positions = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = positions < batch
     rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
-    positive, inside = checked_rows(tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0), row_mask,
-                                    num_items)
-    outside = tl.where(inside | ~row_mask, 0.0, float("nan"))
+    positive = clamp_rows(tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0), num_items)
     user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes
     score = tl.zeros((BLOCK_R,), tl.float32)
@@ -130,8 +129,8 @@ def _prologue_kernel(
         codebook = codebooks_ptr + layer * num_codes * dim
         lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        lse_p = outside + log_sum_exp(item_layer, num_layers * dim, positive, row_mask, codebook, num_codes, dim,
-                                      inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_p = log_sum_exp(item_layer, num_layers * dim, positive, row_mask, codebook, num_codes, dim,
+                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         divergence = tl.zeros((BLOCK_R,), tl.float32)
         for k_start in range(0, num_codes, BLOCK_K):
             codes = k_start + tl.arange(0, BLOCK_K)
@@ -148,7 +147,9 @@ def _prologue_kernel(
             if SYMMETRIC:
                 divergence += tl.sum(tl.where(tile_mask, tl.exp(log_q), 0.0) * (log_q - log_p), axis=1)
         score -= layer_weight(weights_ptr, layer) * divergence
-    tl.store(scores_ptr + positions, score, mask=row_mask)
+    positive = tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0)  # read again: nothing kept
+    tl.store(scores_ptr + positions, tl.where((positive >= 0) & (positive < num_items), score, float("nan")),
+             mask=row_mask)
 
 
 @triton.jit
@@ -436,7 +437,7 @@ def _epilogue_blocks(
         row_mask = positions < batch
         row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
                                                       total_ptr, positions, row_mask, batch, REDUCTION)
-        src_rows, _ = checked_rows(tl.load(src_rows_ptr + positions, mask=row_mask, other=0), row_mask, num_src_rows)
+        src_rows = clamp_rows(tl.load(src_rows_ptr + positions, mask=row_mask, other=0), num_src_rows)
         _epilogue_side(src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight,
                        layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr,
                        src_rows if IS_USER else positions, block == program, batch, num_layers, num_codes, dim,

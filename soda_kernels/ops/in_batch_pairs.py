@@ -65,7 +65,7 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
-    checked_rows,
+    clamp_rows,
     launch_config,
     layer_log_probs,
     layer_weight,
@@ -115,12 +115,12 @@ def _prologue_kernel(
     Writes a_ptr, bm_ptr: (B, F) operands in their dtype; rb_ptr, cb_ptr: (B,) biases (rb = 0
     unless SYMMETRIC); diag_ptr: (B,) S[b, b] = A[b] . Bm[b] + rb[b] + cb[b] with the rounded
     operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits. A
-    positive outside [0, N) gets a NaN log-sum-exp, so its P, its operands and scores are NaN.
+    positive outside [0, N) is read clamped (``clamp_rows``) and gets a NaN cb (and S[b, b]), so
+    that every score of its item is NaN.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
-    item_rows, inside = checked_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), row_mask, num_items)
-    outside = tl.where(inside | ~row_mask, 0.0, float("nan"))
+    item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
     user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes * (2 if SYMMETRIC else 1)
     row_bias = tl.zeros((BLOCK_R,), tl.float32)
@@ -133,8 +133,8 @@ def _prologue_kernel(
         codebook = codebooks_ptr + layer * num_codes * dim
         lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
                             inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        lse_p = outside + log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
-                                      inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_p = log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
+                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
         tl.store(lse_ptr + rows * num_layers + layer, lse_q, mask=row_mask)
         tl.store(lse_ptr + (batch + rows) * num_layers + layer, lse_p, mask=row_mask)
         for k_start in range(0, num_codes, BLOCK_K):
@@ -162,6 +162,8 @@ def _prologue_kernel(
                 tl.store(bm_ptr + rows[:, None] * num_features + second, second_bm, mask=tile_mask)
                 diag += tl.sum(second_a.to(tl.float32) * second_bm.to(tl.float32), axis=1)
                 row_bias -= weight * tl.sum(q * log_q, axis=1)
+    positive = tl.load(positives_ptr + rows, mask=row_mask, other=0)  # read again: nothing kept across the loop
+    col_bias = tl.where((positive >= 0) & (positive < num_items), col_bias, float("nan"))
     tl.store(rb_ptr + rows, row_bias, mask=row_mask)
     tl.store(cb_ptr + rows, col_bias, mask=row_mask)
     tl.store(diag_ptr + rows, diag + row_bias + col_bias, mask=row_mask)
@@ -485,7 +487,7 @@ def _epilogue_kernel(
         else:
             lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
             bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
-            item_rows, _ = checked_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), row_mask, num_items)
+            item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
             if USER_LOGITS:
                 part = program
             else:

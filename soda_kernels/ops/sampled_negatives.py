@@ -55,7 +55,7 @@ import triton.language as tl
 from .common import (
     INTERPRETER,
     LOGIT_PRECISION,
-    checked_rows,
+    clamp_rows,
     codebook_logits,
     launch_config,
     layer_log_probs,
@@ -75,17 +75,13 @@ SUMMARY = 4
 
 
 @triton.jit
-def _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives, num_items):
-    """The items of sample ``sample`` for rows (BLOCK_R,): positives (B,) for sample 0, column
-    sample - 1 of negatives (B, S) otherwise, as (the item rows to read, int64; whether the sample
-    is used: a row's positive or a negative that is not padding (-1); whether its index lies in
-    [0, N)). A used sample outside [0, N) reads row 0 instead (``checked_rows``) and gets a NaN score."""
+def _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives):
+    """The items of sample ``sample`` for rows (BLOCK_R,), int64: positives (B,) for sample 0,
+    column sample - 1 of negatives (B, S) otherwise; -1 for padding and masked rows, any value for
+    an index the value checks did not see (the callers read ``clamp_rows``)."""
     positive = tl.load(positives_ptr + rows, mask=row_mask & (sample == 0), other=-1)
     negative = tl.load(negatives_ptr + rows * num_negatives + (sample - 1), mask=row_mask & (sample > 0), other=-1)
-    item = tl.where(sample == 0, positive, negative)
-    used = row_mask & ((sample == 0) | (item != -1))
-    item, inside = checked_rows(item, used, num_items)
-    return item, used, inside
+    return tl.where(sample == 0, positive, negative)
 
 
 @triton.jit
@@ -187,33 +183,37 @@ def _forward_kernel(
             q = tl.where(tile_mask, tl.exp(log_q), 0.0)
             for t in range(0, 1 + count):
                 sample = tl.where(t == 0, 0, first + t - 1)
-                item, valid, inside = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample,
-                                                    num_negatives, num_items)
-                a = codebook_logits(item_layer, num_layers * dim, item, valid, codebook, codes,
+                item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+                valid = item >= 0  # past N: a summary of row N - 1, whose score the last pass makes NaN
+                a = codebook_logits(item_layer, num_layers * dim, clamp_rows(item, num_items), valid, codebook, codes,
                                     code_mask, dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
                 summary = tl.where(t == 0, positive_summary, summary_ptr + (rows * samples + sample) * num_layers * 4)
                 summary += layer * 4
                 m, s, t_p, t_q = _load_summary(summary, valid & (k_start > 0))
                 m, s, t_p, t_q = _update_summary(m, s, t_p, t_q, a, log_q, q, valid[:, None] & code_mask[None, :])
-                t_p += tl.where(inside | ~valid, 0.0, float("nan"))  # an index outside [0, N): D is NaN
                 _store_summary(summary, m, s, t_p, t_q, row_mask)  # padding: a finite summary nothing reads
             tl.debug_barrier()  # the next tile (or the last pass) reads these summaries, maybe in other threads
     positive_score = tl.zeros((BLOCK_R,), tl.float32)
     for layer in range(0, num_layers):
         m, s, t_p, t_q = _load_summary(positive_summary + layer * 4, row_mask)
         positive_score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
+    # An index outside [0, N) was not read (``clamp_rows``): its score is NaN.
+    positive = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, 0, num_negatives)
+    positive_score = tl.where((positive >= 0) & (positive < num_items), positive_score, float("nan"))
     tl.store(scores_ptr + rows * samples, positive_score, mask=row_mask & (split == 0))
     terms = tl.zeros((BLOCK_R,), tl.float32)
     terms_count = tl.zeros((BLOCK_R,), tl.float32)
     sigmoids = tl.zeros((BLOCK_R,), tl.float32)
     for sample in range(first, first + count):
-        _, valid, _ = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives, num_items)
+        item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+        valid = item != -1
+        inside = (item >= 0) & (item < num_items)
         score = tl.zeros((BLOCK_R,), tl.float32)
         for layer in range(0, num_layers):
             summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
             m, s, t_p, t_q = _load_summary(summary, valid)
             score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
-        score = tl.where(valid, score, 0.0)
+        score = tl.where(valid, tl.where(inside, score, float("nan")), 0.0)
         tl.store(scores_ptr + rows * samples + sample, score, mask=row_mask)
         terms += tl.where(valid, softplus(score - positive_score), 0.0)
         sigmoids += tl.where(valid, sigmoid(score - positive_score), 0.0)
@@ -305,8 +305,9 @@ def _backward_kernel(
         grad_c = tl.zeros((BLOCK_K, BLOCK_G), tl.float32)
         column_sum = tl.zeros((BLOCK_K,), tl.float32)
         for sample in range(0, samples):
-            item_rows, valid, inside = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample,
-                                                     num_negatives, num_items)
+            item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+            item_rows = clamp_rows(item, num_items)
+            valid = tl.where(sample == 0, row_mask, item != -1)  # a term or the positive, in range or not
             score = tl.load(scores_ptr + rows * samples + sample, mask=valid, other=0.0)
             # e = -w dLoss/ds: -w g sigmoid(s - s_0) for a negative, w g sigma for the positive
             grad_kl = tl.where(sample == 0, weight * row_grad * sigmoid_sum,
@@ -335,7 +336,7 @@ def _backward_kernel(
             grad_x, grad_c, sample_sum = project_logit_grad_into(grad_a, x, c, grad_x, grad_c, PRECISION)
             column_sum += sample_sum
             tl.store(out, grad_x, mask=out_mask)
-            tl.store(keys_ptr + rows * samples + sample, tl.where(inside, item_rows, -1).to(tl.int32),
+            tl.store(keys_ptr + rows * samples + sample, tl.where(item_rows == item, item, -1).to(tl.int32),
                      mask=row_mask & (layer == 0) & (chunk == 0) & (k_start == 0))
         c = load_rows(codebook + d_start, dim, codes, code_mask, dim - d_start, BLOCK_G)
         if USER_LOGITS:
