@@ -11,6 +11,7 @@ contenders a case gets: the long compiles only where they matter most.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -65,9 +66,11 @@ class Case:
         return dict(asdict(self), name=self.name)
 
     def shrunk(self) -> Case:
-        """The same case at a size the CPU runs in a moment (``--bench-dry-run``)."""
-        return replace(self, batch=max(4, self.batch // 64), codes=max(4, self.codes // 8), dim=max(2, self.dim // 8),
-                       samples=min(self.samples, 8))
+        """The same case at a size the interpreter runs in a moment (``--bench-dry-run``, a stage's dry
+        run): B and S on a log scale (distinct cases stay distinct: B 256 / 1024 / 4096 / 16384 ->
+        4 / 6 / 8 / 10), K and d divided by 8."""
+        return replace(self, batch=max(4, round(math.log2(self.batch)) - 4), codes=max(4, self.codes // 8),
+                       dim=max(2, self.dim // 8), samples=round(math.log2(self.samples + 1)))
 
 
 HEADLINE = Case("both", 4096)

@@ -12,9 +12,7 @@ counter sees them (``bench.launches``).
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -27,23 +25,13 @@ if not GPU:
 
     torch._inductor.config.cpp.enable_kernel_profile = True
 
-from bench.cases import (  # noqa: E402 (after TRITON_INTERPRET)
-    GRIDS,
-    INTERPRETER_MAX_BATCH,
-    compile_family,
-    contenders_of,
-    is_headline,
-)
+from bench.cases import GRIDS, INTERPRETER_MAX_BATCH, contenders_of, is_headline  # noqa: E402 (after TRITON_INTERPRET)
+from bench.measure import Budget  # noqa: E402
 from bench.plot import draw  # noqa: E402
-from bench.report import Results  # noqa: E402
+from bench.report import Results, run_stem  # noqa: E402
 from bench.roofline import measure_ceilings  # noqa: E402
 
 DEFAULT_BUDGET_S = {"default": 300.0, "full": 1500.0, "smoke": 60.0}
-# First guesses of one test's seconds by kind, replaced by what the run observes (the slowest cold
-# compile so far, the mean of the others). A warm compile is one whose caches another process filled
-# (bench/precompile.py) or whose B-sweep compilation this process already made.
-FIRST_GUESS_S = {"compile-max-autotune": 240.0, "compile": 60.0, "compile-warm": 15.0, "other": 5.0} if GPU else {
-    "compile-max-autotune": 40.0, "compile": 30.0, "compile-warm": 10.0, "other": 2.0}
 
 
 def pytest_addoption(parser):
@@ -79,47 +67,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case, contender_name", list(dict.fromkeys(params)))
 
 
-def _precompiled(out: str | None) -> list[dict]:
-    """The records of ``bench/precompile.py`` runs in the results folder (none without one)."""
-    if out is None:
-        return []
-    return [record for path in sorted(Path(out).glob("*-precompile-*.json"))
-            for record in json.loads(path.read_text())["compiled"]]
-
-
-class Budget:
-    """Skips a test that would end past the deadline, estimating its seconds from the tests so far."""
-
-    def __init__(self, seconds: float, precompiled: list[dict]):
-        self.deadline = time.monotonic() + seconds
-        self.observed: dict[str, list[float]] = {kind: [] for kind in FIRST_GUESS_S}
-        self.warm = {(record["case"], record["contender"]) for record in precompiled}
-        self.compiled_families: set[tuple[str, str]] = set()
-
-    def kind(self, case, name: str) -> str:
-        """"other", "compile-warm", or a cold compile: "compile-max-autotune" (the long one) or "compile"."""
-        if not name.startswith("compile"):
-            return "other"
-        if (case.name, name) in self.warm or (compile_family(case), name) in self.compiled_families:
-            return "compile-warm"
-        return "compile-max-autotune" if name == "compile-max-autotune" else "compile"
-
-    def reason_to_skip(self, case, name: str) -> str | None:
-        kind = self.kind(case, name)
-        seen = self.observed[kind]
-        cold = kind.startswith("compile") and kind != "compile-warm"
-        need = (max(seen) if cold else sum(seen) / len(seen)) if seen else FIRST_GUESS_S[kind]
-        left = self.deadline - time.monotonic()
-        if left < need:
-            return f"time budget: {left:.0f} s left, this test needs about {need:.0f} s (see --bench-budget)"
-        return None
-
-    def observe(self, case, name: str, seconds: float) -> None:
-        self.observed[self.kind(case, name)].append(seconds)
-        if name.startswith("compile"):
-            self.compiled_families.add((compile_family(case), name))
-
-
 SESSION: dict = {}  # "results": the run's Results once the first benchmark test asked for them
 
 
@@ -147,10 +94,9 @@ def bench(request) -> tuple[Results, Budget]:
     config = request.config
     out = config.getoption("--bench-out")
     device = torch.device("cuda" if GPU else "cpu")
-    precompiled = _precompiled(out)
-    budget = Budget(_budget_s(config), precompiled)  # counts from the first benchmark test
-    results = Results(Path(out) if out else None, device, _grid(config), _budget_s(config), measure_ceilings(device),
-                      precompiled)
+    budget = Budget(_budget_s(config))  # counts from the first benchmark test
+    stem = run_stem(Path(out), device) if out else None
+    results = Results(stem, device, _grid(config), _budget_s(config), measure_ceilings(device))
     SESSION["results"] = results
     return results, budget
 

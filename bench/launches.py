@@ -153,7 +153,7 @@ def _count_tree(event) -> Launches:
     return below
 
 
-def _is_device_kernel(event) -> bool:
+def is_device_kernel(event) -> bool:
     """A kernel on the GPU's timeline (not a copy, a memset or a record_function range mirrored there)."""
     if event.device_type != torch.autograd.DeviceType.CUDA:
         return False
@@ -171,7 +171,7 @@ def count_events(prof) -> Launches:
     counted = sum((_count_tree(e) for e in host if e.cpu_parent is None), Launches())
     if ProfilerActivity.CUDA not in prof.activities:
         return counted
-    return Launches(counted.torch_ops, counted.triton, counted.compiled, sum(map(_is_device_kernel, events)),
+    return Launches(counted.torch_ops, counted.triton, counted.compiled, sum(map(is_device_kernel, events)),
                     counted.syncs, counted.names)
 
 

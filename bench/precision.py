@@ -10,7 +10,7 @@ matrix S = A Bm^T + cb, of the margins S[b, m] - S[b, b] the BPR terms see, of t
 and of the backward products C Bm and C^T A (C = dLoss/dS, rounded like the operands). The
 inputs are the benchmark's (unit-scale residuals and codebooks, temperature 4, L = 3, K = 256,
 d = 128), rounded to the input dtype first. It is how soda_kernels/ops/common.py chose bf16
-operands for 16-bit inputs and bf16x3 for float32 ones (README, "Precision").
+operands for 16-bit inputs and bf16x3 for float32 ones (docs/precision.md).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 that a run cut short still leaves everything measured so far.
 
 ``<out>/<date>-<device>.json`` holds the device, the versions, the measured ceilings, the contenders
-(name -> what it is), the compile warm-up records (``bench/precompile.py``) and per case its
-roofline floor, each contender's medians (forward, backward, forward + backward, ms), peak memory
-(MiB above the inputs), relative errors against eager, first-call seconds, launches (forward,
-backward, both) and Triton's ratios; ``<date>-<device>.md`` the tables.
+(name -> what it is) and per case its roofline floor, each contender's medians (forward, backward,
+forward + backward, ms), peak memory (MiB above the inputs), relative errors against eager,
+first-call seconds, launches (forward, backward, both) and Triton's ratios; ``<date>-<device>.md`` the tables. A GPU
+stage (``bench/stage.py``) adds its own sections to the same payload (``Results.section``): the
+correctness checks, the kernel profile, the int64-offset case; the Markdown shows each as a table.
 """
 
 from __future__ import annotations
@@ -32,16 +33,15 @@ def run_stem(out: Path, device: torch.device) -> Path:
 
 
 class Results:
-    def __init__(self, out: Path | None, device: torch.device, grid: str, budget_s: float, ceilings: dict,
-                 precompiled: list[dict]):
+    def __init__(self, stem: Path | None, device: torch.device, grid: str, budget_s: float, ceilings: dict):
         name = device_name(device)
         date = datetime.date.today().isoformat()
         self.payload = dict(
             device=name, date=date, torch=torch.__version__, triton=triton.__version__,
             cuda=torch.version.cuda, python=platform.python_version(), grid=grid, budget_s=budget_s,
-            ceilings=ceilings, contenders=CONTENDERS, precompiled=precompiled, cases=[],
+            ceilings=ceilings, contenders=CONTENDERS, cases=[],
         )
-        self.stem = None if out is None else run_stem(out, device)
+        self.stem = stem
         self._entries: dict[str, dict] = {}
 
     def _entry(self, case: Case) -> dict:
@@ -63,6 +63,11 @@ class Results:
 
     def skip(self, case: Case, contender: str, reason: str) -> None:
         self._entry(case)["contenders"][contender] = dict(skipped=reason)
+        self.save()
+
+    def section(self, name: str, rows: list[dict]) -> None:
+        """A stage's own table (``SECTIONS``), rewritten whole, then saved."""
+        self.payload[name] = rows
         self.save()
 
     def save(self) -> None:
@@ -155,6 +160,32 @@ def _launch_cell(record: dict) -> str:
     return f"{launches_shown(record, 'forward')} + {launches_shown(record, 'backward')}"
 
 
+# A stage's sections of the payload: name -> (title, note); each a list of flat records.
+SECTIONS = {
+    "checks": ("Correctness on the device against float64",
+               "||out - ref|| / ||ref|| of the output and every input gradient (worst shown), random upstream "
+               "gradient; ref: soda_kernels.reference at the odd shape, the torch backend in float64 (which the "
+               "tests hold to the reference within 1e-6) at the realistic one."),
+    "profile": ("Where the Triton path's time goes (headline, forward + backward)",
+                "CUDA time per kernel from torch.profiler against that kernel's own floor (its FLOPs over the "
+                "measured matmul rate, its bytes over the copy bandwidth; bench/roofline.py kernel_work)."),
+    "large": ("Past 2^31 elements (int64 offsets)", "The last rows checked against float64; medians."),
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "–" if value is None else str(value)
+
+
+def records_table(title: str, note: str, rows: list[dict]) -> list[str]:
+    """A Markdown table of flat records, one column per key (in order of first appearance)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return ["", f"## {title}", "", note, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(_cell(row.get(key)) for key in keys) + " |" for row in rows)]
+
+
 def _table(title: str, note: str, names: list[str], rows: list[list[str]]) -> list[str]:
     return ["", f"## {title}", "", note, "", "| case | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names), *("| " + " | ".join(row) + " |" for row in rows)]
@@ -212,12 +243,9 @@ def markdown(payload: dict) -> str:
         "torch.compile's kernels (on the CPU its C++ kernels, whose fusion differs from the GPU's).",
         names, counts)
     lines += _table("Forward / backward (ms)", "Medians of each phase alone.", names, phases)
-    if payload.get("precompiled"):
-        lines += ["", "## Compile warm-up", "",
-                  "Compiled by `bench/precompile.py` beside the kernel tests (its caches make the benchmark's first "
-                  "calls warm); cold seconds of the first forward + backward:", ""]
-        lines += [f"- {record['case']} | {record['contender']}: {record['seconds']:.0f} s"
-                  for record in payload["precompiled"]]
+    for name, (title, note) in SECTIONS.items():
+        if payload.get(name):
+            lines += records_table(title, note, payload[name])
     if skipped:
         lines += ["", "## Not measured", "", *skipped]
     return "\n".join(lines) + "\n"

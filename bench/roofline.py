@@ -11,7 +11,7 @@ FLOPs (every one of them matrix-product shaped, so counted at the tensor-core ra
 Rates: the residual-codebook products at the input dtype's fastest rate (bf16 tensor cores for 16-bit
 inputs, tf32 for float32); the score products at the bf16 rate for 16-bit inputs (bf16 operands meet
 their accuracy target) and at a third of it for float32 inputs (three bf16 products, bf16x3, are the
-least that meets the float32 target; README "Precision"). Bytes: every input read once and every
+least that meets the float32 target; docs/precision.md). Bytes: every input read once and every
 gradient written once. The floor is the larger of FLOPs / rate and bytes / copy bandwidth;
 elementwise work (exp, log, softplus) is not counted, so the floor is optimistic.
 """
@@ -45,9 +45,55 @@ def work(case: Case) -> dict:
     return dict(assignment_flops=assignment, score_flops=scores, bytes=2 * residuals * element + indices)
 
 
-def floor_ms(case: Case, ceilings: dict) -> dict:
-    """The floor in ms and what bounds it ("compute" or "memory")."""
-    counts = work(case)
+def kernel_work(case: Case) -> dict[str, dict]:
+    """Each Triton kernel's own work per launch on the in-batch pair path ("items", "users",
+    "both"; empty for the other modes), counted like ``work``: its products (the score products
+    the design recomputes included) and the fewest bytes it must read and write, intermediates
+    included. Kernel names as the profiler shows them (``soda_kernels/ops/in_batch_pairs.py``).
+
+    * ``_prologue_kernel`` (forward, and again in backward): the logits of B user and B item rows;
+      reads the residuals and codebooks, writes the operands A, Bm (B, F) in the operand dtype;
+    * ``_forward_kernel``: S = A Bm^T once; reads A and Bm;
+    * ``_backward_kernel``: row programs recompute S and form dA = C Bm, column programs S^T and
+      dBm = C^T A (4 products); reads A and Bm twice, writes dA and dBm in float32;
+    * ``_epilogue_kernel``: recomputed logits, the residual and codebook projections (3 products of
+      the logits' size); reads residuals, codebooks, operands and their gradients, writes the user
+      gradient, the item rows' float32 gradient and at least one float32 codebook partial per side;
+    * ``_sum_rows_by_index_kernel`` / ``_sum_partials_kernel``: the item rows and the codebook
+      partials summed (bytes only, the partials counted once: a lower bound).
+
+    ``_finish_kernel`` (O(B) partial sums) has no floor worth counting and is left out.
+    """
+    if case.mode not in ("items", "users", "both"):
+        return {}
+    batch = case.batch
+    features = case.layers * case.codes * (2 if case.symmetric else 1)
+    element = torch.finfo(getattr(torch, case.dtype)).bits // 8
+    operand = 4 if case.dtype == "float32" else 2  # soda_kernels.ops.common.operand_dtype
+    rows = batch * case.layers * case.dim  # one side's residuals
+    codebook = case.layers * case.codes * case.dim
+    logits = 2 * (2 * batch) * case.layers * case.codes * case.dim
+    score = 2 * batch**2 * features
+    operands = 2 * batch * features
+
+    def kernel(assignment=0, scores=0, moved=0):
+        return dict(assignment_flops=assignment, score_flops=scores, bytes=moved)
+
+    return {
+        "_prologue_kernel": kernel(logits, 0, (2 * rows + codebook) * element + operands * operand),
+        "_forward_kernel": kernel(0, score, operands * operand),
+        "_backward_kernel": kernel(0, 4 * score, 2 * operands * operand + operands * 4),
+        "_epilogue_kernel": kernel(3 * logits, 0, (2 * rows + codebook) * element + operands * (operand + 4)
+                                   + rows * (element + 4) + 2 * codebook * 4),
+        "_sum_rows_by_index_kernel": kernel(0, 0, rows * (4 + element)),
+        "_sum_partials_kernel": kernel(0, 0, codebook * (2 * 4 + element)),
+    }
+
+
+def floor_ms(case: Case, ceilings: dict, counts: dict | None = None) -> dict:
+    """The floor in ms and what bounds it ("compute" or "memory"): of the whole forward + backward
+    (``work``), or of the ``counts`` given (one kernel's, ``kernel_work``)."""
+    counts = work(case) if counts is None else counts
     assignment_rate = ceilings["tf32_flops_per_s" if case.dtype == "float32" else "bf16_flops_per_s"]
     score_rate = ceilings["bf16_flops_per_s"] / (3 if case.dtype == "float32" else 1)
     compute_s = counts["assignment_flops"] / assignment_rate + counts["score_flops"] / score_rate

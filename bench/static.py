@@ -2,6 +2,7 @@
 
     python -m bench.static                      # the default grid -> bench/results/static-sm90a.md, .json
     python -m bench.static --cases headline     # the headline case only (what CI checks)
+    python -m bench.static --cases topk         # distributional_topk's kernel only
     python -m bench.static --out DIR
 
 No GPU is needed. For every case the Triton contender's forward and backward run through the public
@@ -43,6 +44,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import soda_kernels  # noqa: E402
+from bench.bench_topk import static_launches  # noqa: E402
 from bench.cases import GRIDS, HEADLINE, Case, contender, float_inputs, make_inputs  # noqa: E402
 from bench.launches import CAPTURE_TARGET, Launch, capture_launches, count_phases  # noqa: E402
 from bench.roofline import floor_ms, work  # noqa: E402
@@ -54,6 +56,9 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on 
 SM_SHARED_MEMORY = 228 * 1024  # per SM (each resident block also reserves 1 KiB)
 SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
 CASE_SETS = {"headline": lambda: [HEADLINE], **GRIDS}
+# The retrieval kernel's captures join these sets; "topk" compiles them alone.
+CASE_SETS["topk"] = lambda: []
+EXTRA_CASE_SETS = ("default", "full", "topk")
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -182,8 +187,9 @@ def problems(report: dict) -> list[str]:
     return found
 
 
-def build(cases: list[Case]) -> dict:
-    """Capture every case, compile each distinct launch once; the report as a JSON-ready dict."""
+def build(cases: list[Case], extra_launches: list[tuple[str, list[Launch]]] = ()) -> dict:
+    """Capture every case, compile each distinct launch once (and those of ``extra_launches``, named
+    captures of other ops); the report as a JSON-ready dict."""
     compiled: dict[tuple, Compiled] = {}
     case_records = []
     for case in cases:
@@ -204,6 +210,10 @@ def build(cases: list[Case]) -> dict:
             arithmetic_intensity=(flops_and_bytes["assignment_flops"] + flops_and_bytes["score_flops"])
             / flops_and_bytes["bytes"],
         ))
+    for name, launches in extra_launches:  # kernels outside the loss's cases (bench.bench_topk: retrieval)
+        for launch in launches:
+            entry = compiled.setdefault(launch.key(), Compiled(launch))
+            entry.cases.append(name)
     kernels = []
     for index, entry in enumerate(compiled.values()):
         entry.report = compile_report(entry.launch)
@@ -295,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="which cases: the headline only, or a benchmark grid (default: the default grid)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of static-sm90a.md and .json")
     args = parser.parse_args(argv)
-    report = build(CASE_SETS[args.cases]())
+    extra = static_launches() if args.cases in EXTRA_CASE_SETS else []
+    report = build(CASE_SETS[args.cases](), extra)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"static-{ARCH.replace('_', '')}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1")
         command.add_argument("--results", type=Path, default=Path("results"), help="records and tables")
         command.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs (the table keeps all)")
+        command.add_argument("--tables-only", action="store_true", help="train nothing: the tables from the records")
     for command, preset, out in (
         (train, "tiger", "runs/tiger"),
         (baselines, "tiger", "runs/baselines"),
@@ -113,6 +114,7 @@ def main() -> None:
             common["device"],
             args.data_dir,
             set(args.only) if args.only else None,
+            tables_only=args.tables_only,
         )  # every run resumes; --seed and --resume do not apply
         if distributed.is_main():
             print((args.results / f"{table_name}.md").read_text())

@@ -23,6 +23,7 @@ from soda.embeddings import item_embeddings
 from soda.etegrec import ETEGRec, ETEGRecConfig
 from soda.letter import LETTERConfig, LETTERLosses
 from soda.recommender import TIGER, RecommenderConfig
+from soda.retrieval import evaluate_retrieval_and_fusion
 from soda.tokenizer import RQVAE, TokenizerConfig, codebook_stats, train_tokenizer
 from soda.train import TrainConfig, evaluate_split, fit, write_metrics
 
@@ -170,6 +171,8 @@ def train_generative(
         train = replace(train, epochs=epochs, min_epochs=min_epochs)
     extra_curves = {"rq-vae loss": saved["losses"]}
     result = fit(model, split, train, out_dir, device, resume, seed, extra_curves)
+    if config.soda is not None:  # SODA's user head: retrieval over the catalogue, and fusion with the beam
+        result.update(evaluate_retrieval_and_fusion(model, split, train.eval_batch_size, device))
     result["tokenizer"] = saved["stats"]
     if schedule is not None:  # the codes the tokenizer ended with, and the share of items whose codes it moved
         final_ids = model.tokenizer.semantic_ids(model.item_embeddings)

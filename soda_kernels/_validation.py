@@ -178,6 +178,18 @@ def check_residuals(name: str, value, num_layers: int, dim: int, rows: str) -> N
         raise ValueError(f"{name} has d={value.shape[2]} but codebooks has d={dim}")
 
 
+def check_user(user, user_logits, num_layers: int, num_codes: int, dim: int) -> None:
+    """``user``: (B, L, d) residuals, or (B, L, K) logits with ``user_logits`` (a bool option)."""
+    if check_bool("user_logits", user_logits):
+        check_float_tensor("user", user, 3, "B, L, K")
+        if user.shape[1] != num_layers or user.shape[2] != num_codes:
+            raise ValueError(
+                f"user (logits) must have shape (B, L={num_layers}, K={num_codes}), got {tuple(user.shape)}"
+            )
+    else:
+        check_residuals("user", user, num_layers, dim, "B")
+
+
 @dataclass(frozen=True)
 class BPROptions:
     """The validated, normalised keyword options of ``distributional_bpr`` (Python bools and floats;
@@ -224,14 +236,7 @@ def check_distributional_bpr(
     ``check_bpr_options`` takes them."""
     checked = check_bpr_options(**options)
     num_layers, num_codes, dim = check_codebooks(codebooks)
-    if checked.user_logits:
-        check_float_tensor("user", user, 3, "B, L, K")
-        if user.shape[1] != num_layers or user.shape[2] != num_codes:
-            raise ValueError(
-                f"user (logits) must have shape (B, L={num_layers}, K={num_codes}), got {tuple(user.shape)}"
-            )
-    else:
-        check_residuals("user", user, num_layers, dim, "B")
+    check_user(user, checked.user_logits, num_layers, num_codes, dim)
     check_residuals("items", items, num_layers, dim, "N")
     check_index_tensor("positives", positives, 1, "B")
     batch = user.shape[0]
@@ -275,3 +280,79 @@ def check_gather_in_batch(user, items, positives, item_ids) -> None:
             )
         tensors["item_ids"] = item_ids
     check_same_device(**tensors)
+
+
+# Item indices of the top-k path are packed into 31 bits of a ranking key (torch_backend), and the
+# kernel's tile starts stay below 2^31.
+TOPK_MAX_ITEMS = 2**31 - 2**16
+
+
+@dataclass(frozen=True)
+class TopkArgs:
+    """The validated, normalised arguments of ``distributional_topk``: the excluded (row, item)
+    pairs (E,) int64 each, expanded from the CSR ``exclude``."""
+
+    layer_weights: torch.Tensor | None
+    user_temperature: float
+    excluded_rows: torch.Tensor
+    excluded_items: torch.Tensor
+
+
+def check_topk_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a positive int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return k
+
+
+def check_exclusion(exclude, batch: int, num_items: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exclude`` = (offsets (B+1,), items (E,)) integer CSR, or None: the excluded (row, item)
+    pairs, (E,) int64 each. offsets start at 0, never decrease and end at E; items lie in [0, N)."""
+    if exclude is None:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty
+    if not isinstance(exclude, (tuple, list)) or len(exclude) != 2:
+        raise TypeError("exclude must be a pair (offsets (B+1,), items (E,)) of int64 tensors, or None")
+    offsets = check_index_tensor("exclude offsets", exclude[0], 1, "B+1")
+    items = check_index_tensor("exclude items", exclude[1], 1, "E")
+    if offsets.device != device or items.device != device:
+        raise ValueError(
+            f"exclude must be on the users' device {device}, got offsets on {offsets.device}, items on {items.device}"
+        )
+    if offsets.shape[0] != batch + 1:
+        raise ValueError(f"exclude offsets must have B+1={batch + 1} entries, got {offsets.shape[0]}")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0 or last != items.shape[0]:
+        raise ValueError(
+            f"exclude offsets must start at 0 and end at E={items.shape[0]} (the number of exclude items), "
+            f"got {first} and {last}"
+        )
+    if batch > 0 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("exclude offsets must be non-decreasing")
+    check_index_ranges(("exclude items", items, 0, num_items))
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), counts, output_size=items.shape[0])
+    return rows, items.to(torch.int64)
+
+
+def check_distributional_topk(
+    user, codebooks, num_items: int, k, exclude, *, user_logits, symmetric, temperature, user_temperature,
+    layer_weights, backend,
+) -> TopkArgs:
+    """Every argument of ``distributional_topk`` but the catalogue (``items``), whose N is given."""
+    check_bool("symmetric", symmetric)
+    num_layers, num_codes, dim = check_codebooks(codebooks)
+    check_user(user, user_logits, num_layers, num_codes, dim)
+    device = check_same_device(user=user, codebooks=codebooks)
+    if user.shape[0] == 0:
+        raise ValueError("user must hold at least one row (B >= 1)")
+    if num_items > TOPK_MAX_ITEMS:
+        raise ValueError(f"items may hold at most {TOPK_MAX_ITEMS} rows, got N={num_items}")
+    check_topk_k(k)
+    check_option("backend", backend, BACKENDS)
+    tau = check_temperature("temperature", temperature)
+    tau_user = tau if user_temperature is None else check_temperature("user_temperature", user_temperature)
+    weights = check_layer_weights(layer_weights, num_layers, device)
+    excluded_rows, excluded_items = check_exclusion(exclude, user.shape[0], num_items, device)
+    return TopkArgs(weights, tau_user, excluded_rows, excluded_items)

@@ -27,6 +27,7 @@ from ._validation import (
     check_bpr_options,
     check_codebooks,
     check_distributional_bpr,
+    check_distributional_topk,
     check_float_tensor,
     check_layer_weights,
     check_residuals,
@@ -223,3 +224,150 @@ class DistributionalBPRLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class ItemDistributions:
+    """A catalogue's side of the score, computed once for every query batch of
+    :func:`distributional_topk` (pass it in place of ``items``).
+
+    Attributes:
+        probs: (N, L K) P_n^l over the (layer, code) features; bfloat16 for 16-bit items, else
+            the items' dtype (float32, float64).
+        log_probs: (N, L K) log P_n^l, same dtype (the symmetric score's second product).
+        negative_entropy: (N, L) float32 (float64 for float64 items) P_n^l . log P_n^l.
+        temperature: the tau the soft assignments were taken at.
+        num_layers, num_codes: L and K.
+
+    Memory: N L K (2 bytes for 16-bit items, else 4 or 8) twice, plus N L floats.
+    """
+
+    BUILD_ROWS = 65536  # items soft-assigned at a time while building (bounds the float32 temporaries)
+
+    def __init__(self, probs: torch.Tensor, log_probs: torch.Tensor, negative_entropy: torch.Tensor,
+                 temperature: float):
+        self.probs, self.log_probs, self.negative_entropy = probs, log_probs, negative_entropy
+        self.temperature = temperature
+        self.num_layers = negative_entropy.shape[1]
+        self.num_codes = probs.shape[1] // self.num_layers
+
+    @classmethod
+    def from_items(cls, items: torch.Tensor, codebooks: torch.Tensor, temperature: float = 1.0, *,
+                   backend: str = "auto") -> ItemDistributions:
+        """The catalogue of item residuals ``items`` (N, L, d) under ``codebooks`` (L, K, d) at
+        ``temperature``; the soft assignments run on ``backend``, BUILD_ROWS items at a time."""
+        num_layers, _, dim = check_codebooks(codebooks)
+        check_residuals("items", items, num_layers, dim, "N")
+        check_same_device(items=items, codebooks=codebooks)
+        tau = check_temperature("temperature", temperature)
+        if items.shape[0] == 0:
+            raise ValueError("items must hold at least one row (N >= 1)")
+        storage = items.dtype if items.dtype in (torch.float32, torch.float64) else torch.bfloat16
+        num_items, num_codes = items.shape[0], codebooks.shape[1]
+        probs = items.new_empty((num_items, num_layers * num_codes), dtype=storage)
+        log_probs = torch.empty_like(probs)
+        negative_entropy = items.new_empty((num_items, num_layers), dtype=torch_backend.compute_dtype(items))
+        for start in range(0, num_items, cls.BUILD_ROWS):  # filled in place: no second copy of the catalogue
+            stop = min(start + cls.BUILD_ROWS, num_items)
+            log_p = codebook_log_softmax(items[start:stop].detach(), codebooks.detach(), tau, backend=backend)
+            probs[start:stop] = log_p.exp().flatten(1)
+            log_probs[start:stop] = log_p.flatten(1)
+            negative_entropy[start:stop] = (log_p.exp() * log_p).sum(-1)
+        return cls(probs, log_probs, negative_entropy, tau)
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"ItemDistributions(N={len(self)}, L={self.num_layers}, K={self.num_codes}, "
+                f"dtype={self.probs.dtype}, temperature={self.temperature})")
+
+
+@autocast_off
+@torch.no_grad()
+def distributional_topk(
+    user: torch.Tensor,
+    items: torch.Tensor | ItemDistributions,
+    codebooks: torch.Tensor,
+    k: int,
+    *,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    user_logits: bool = False,
+    symmetric: bool = False,
+    temperature: float = 1.0,
+    user_temperature: float | None = None,
+    layer_weights=None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k items of highest s(b, n) = -sum_l w_l KL(P_n^l || Q_b^l) (+ KL(Q_b^l || P_n^l) when
+    symmetric) for each user over the whole catalogue, without a B x N buffer. Not differentiable
+    (the indices are discrete; the scores are returned without a graph).
+
+    Args:
+        user: (B, L, d) user residuals, or (B, L, K) logits with ``user_logits=True``.
+        items: (N, L, d) item residuals, or an :class:`ItemDistributions` built from them once
+            (its temperature is then the items'; ``temperature`` must be left at 1.0 or agree).
+        codebooks: (L, K, d) codewords.
+        k: items per user, >= 1; past the eligible items a row is padded with -inf / -1.
+        exclude: (offsets (B+1,), items (E,)) int64 CSR: row b never returns
+            ``items[offsets[b]:offsets[b+1]]`` (a history); offsets start at 0 and end at E.
+        user_logits, symmetric, temperature, user_temperature, layer_weights: as in
+            :func:`distributional_bpr`.
+        backend: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch". The Triton
+            kernel keeps k <= 128 on chip; "auto" runs larger k on the PyTorch path (chunked, on
+            the same device), "triton" refuses it.
+
+    Returns:
+        scores (B, k) float32, descending; indices (B, k) int64. Equal scores (as float32) go to
+        the lower index; the order is deterministic. The PyTorch path streams the catalogue in
+        chunks of ``torch_backend.TOPK_MEMORY_BYTES`` (256 MiB) of temporaries.
+    """
+    if isinstance(items, ItemDistributions):
+        catalogue = items
+        num_layers, num_codes, _ = check_codebooks(codebooks)
+        if (catalogue.num_layers, catalogue.num_codes) != (num_layers, num_codes):
+            raise ValueError(
+                f"items (ItemDistributions) has L={catalogue.num_layers}, K={catalogue.num_codes} but codebooks "
+                f"has L={num_layers}, K={num_codes}"
+            )
+        if temperature != 1.0 and check_temperature("temperature", temperature) != catalogue.temperature:
+            raise ValueError(
+                f"temperature={temperature} disagrees with the ItemDistributions' temperature={catalogue.temperature}"
+            )
+        check_same_device(user=user, codebooks=codebooks, items=catalogue.probs)
+        item_temperature = catalogue.temperature
+    else:
+        catalogue = None
+        item_temperature = check_temperature("temperature", temperature)
+    args = check_distributional_topk(
+        user, codebooks, len(catalogue) if catalogue is not None else _rows(items), k, exclude,
+        user_logits=user_logits, symmetric=symmetric, temperature=item_temperature,
+        user_temperature=user_temperature, layer_weights=layer_weights, backend=backend,
+    )
+    if catalogue is None:
+        catalogue = ItemDistributions.from_items(items, codebooks, item_temperature, backend=backend)
+    chosen = resolve_backend(backend, user=user, codebooks=codebooks, items=catalogue.probs)
+    if chosen == "triton":
+        from .ops.topk import TOPK_MAX_K
+
+        if k > TOPK_MAX_K:
+            if backend == "triton":
+                raise ValueError(f"backend='triton' keeps k <= {TOPK_MAX_K} on chip, got k={k} (use backend='auto')")
+            chosen = "torch"
+    if user_logits:
+        log_q = user.detach().to(torch_backend.compute_dtype(user)).log_softmax(-1)
+    else:
+        log_q = codebook_log_softmax(user.detach(), codebooks.detach(), args.user_temperature, backend=chosen)
+    rows, row_bias = torch_backend.topk_user_operands(log_q, args.layer_weights, symmetric)
+    item_bias = torch_backend.topk_item_bias(catalogue.negative_entropy, args.layer_weights, row_bias.dtype)
+    if chosen == "torch":
+        run = torch_backend.distributional_topk
+    else:
+        from .ops.topk import distributional_topk as run
+    return run(rows.to(catalogue.probs.dtype) if chosen == "triton" else rows, row_bias, catalogue.probs,
+               catalogue.log_probs, item_bias, args.excluded_rows, args.excluded_items, k)
+
+
+def _rows(items) -> int:
+    """N of a residual tensor (N, L, d), its shape checked."""
+    check_float_tensor("items", items, 3, "N, L, d")
+    return items.shape[0]

@@ -199,3 +199,94 @@ def distributional_bpr(user, items, codebooks, positives, negatives, *, user_log
     if in_batch in ("users", "both"):
         row_sums = row_sums + torch.where(valid, F.softplus(scores.T - positive_score[:, None]), 0.0).sum(1)
     return reduce_terms(row_sums, row_counts, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributional_topk: the catalogue streamed in chunks, a running top-k per row.
+#
+# Ranking key. Each candidate (score, item) becomes one int64: the float32 score's bits mapped
+# to an order-preserving int32 in the high half, 2^31 - 1 - item in the low half. Keys are then
+# unique, larger for a higher score and, at an exactly equal score, for the lower item index, so
+# a plain top-k of keys has no ties left to break (torch.topk's order among equal values is not
+# specified; among distinct keys there is nothing to specify). An ineligible slot (excluded, past
+# the catalogue, padding) is TOPK_EMPTY, below every real key; it decodes to (-inf, -1). The
+# Triton kernel builds the same keys on chip and ends with ``decode_topk_keys``. Scores are
+# ranked at float32 resolution (float64 inputs included): the output is float32.
+
+TOPK_EMPTY = -(2**63)
+# The chunked path's budget for one chunk: its buffers (scores, keys, the merge and their
+# temporaries, at most 64 bytes a (user, item) pair) and its slice of the catalogue upcast (8
+# bytes a feature): a chunk of C items takes C (64 B + 8 F) bytes, so C = budget / (64 B + 8 F).
+TOPK_MEMORY_BYTES = 256 * 2**20
+
+
+def encode_topk_keys(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """int64 ranking keys of float32 ``scores`` (..., C) at item indices ``items`` (C,) in [0, 2^31)."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal scores, equal bits
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (ordered << 32) | (0x7FFFFFFF - items)
+
+
+def decode_topk_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32, indices int64) of ranking keys; TOPK_EMPTY gives (-inf, -1)."""
+    ordered = (keys >> 32).to(torch.int32)
+    scores = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).view(torch.float32)
+    items = 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+    empty = keys == TOPK_EMPTY
+    return scores.masked_fill(empty, float("-inf")), items.masked_fill(empty, -1)
+
+
+def topk_user_operands(log_q: torch.Tensor, layer_weights: torch.Tensor | None, symmetric: bool):
+    """The user side of s(b, n) = rows[b] . [P_n, (log P_n)] + row_bias[b] - item_bias[n]:
+    rows (B, F or 2F) = [w log Q_b, (w Q_b)] and row_bias (B,) = -sum_l w_l Q_b^l . log Q_b^l
+    (0 unless symmetric), from log_q (B, L, K), in its dtype; F = L K."""
+    weights = _layer_weights(layer_weights, log_q.shape[1], log_q.dtype, log_q.device)
+    w = weights[:, None]
+    rows = [(log_q * w).flatten(1)]
+    row_bias = torch.zeros(log_q.shape[0], dtype=log_q.dtype, device=log_q.device)
+    if symmetric:
+        rows.append((log_q.exp() * w).flatten(1))
+        row_bias = -_negative_entropy(log_q, weights)
+    return torch.cat(rows, 1), row_bias
+
+
+def topk_item_bias(negative_entropy: torch.Tensor, layer_weights: torch.Tensor | None, dtype) -> torch.Tensor:
+    """item_bias (N,) = sum_l w_l P_n^l . log P_n^l in ``dtype``, from the catalogue's (N, L) terms."""
+    weights = _layer_weights(layer_weights, negative_entropy.shape[1], dtype, negative_entropy.device)
+    return negative_entropy.to(dtype) @ weights
+
+
+def topk_chunk_items(batch: int, num_features: int, memory_bytes: int) -> int:
+    """Catalogue items a chunk of the torch path holds within ``memory_bytes`` (at least 1)."""
+    return max(1, memory_bytes // (64 * batch + 8 * num_features))
+
+
+def distributional_topk(rows, row_bias, probs, log_probs, item_bias, excluded_rows, excluded_items, k):
+    """The k best items per row, catalogue chunk by chunk, on any device.
+
+    rows (B, F or 2F) and row_bias (B,) from ``topk_user_operands``; probs, log_probs (N, F) the
+    catalogue; item_bias (N,) sum_l w_l P_n^l . log P_n^l; excluded_rows, excluded_items (E,) int64
+    the (row, item) pairs never returned; k >= 1. Scores in rows' dtype, ranked as float32.
+    Memory: one chunk of ``topk_chunk_items`` items within TOPK_MEMORY_BYTES (read at each call)
+    at a time, plus the (B, k) running keys.
+    Returns scores (B, k) float32 descending and indices (B, k) int64, -inf / -1 past the eligible.
+    """
+    batch, (num_items, num_features) = rows.shape[0], probs.shape
+    symmetric = rows.shape[1] == 2 * num_features
+    chunk = topk_chunk_items(batch, num_features, TOPK_MEMORY_BYTES)
+    by_item = torch.argsort(excluded_items)
+    excluded_rows, excluded_items = excluded_rows[by_item], excluded_items[by_item]
+    starts = torch.arange(0, num_items + chunk, chunk, device=rows.device)
+    bounds = torch.searchsorted(excluded_items, starts).tolist()
+    best = torch.full((batch, k), TOPK_EMPTY, dtype=torch.int64, device=rows.device)
+    for step, start in enumerate(range(0, num_items, chunk)):
+        stop = min(start + chunk, num_items)
+        scores = torch.addmm(row_bias[:, None] - item_bias[None, start:stop], rows[:, :num_features],
+                             probs[start:stop].to(rows.dtype).T)
+        if symmetric:
+            scores.addmm_(rows[:, num_features:], log_probs[start:stop].to(rows.dtype).T)
+        keys = encode_topk_keys(scores, torch.arange(start, stop, device=rows.device))
+        low, high = bounds[step], bounds[step + 1]
+        keys[excluded_rows[low:high], excluded_items[low:high] - start] = TOPK_EMPTY
+        best = torch.cat([best, keys], 1).topk(k, dim=1).values
+    return decode_topk_keys(best)

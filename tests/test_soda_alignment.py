@@ -155,6 +155,7 @@ def test_tiny_runs_train_through_the_recipe(tiny_recipe, tmp_path, backbone, sod
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["test"] == result["test"] and len(written["ranks"]["test"]) == len(cyclic_split().test)
     assert ("tokenizer_final" in written) == (schedule != "plain")
+    assert ("retrieval" in written and "fusion" in written) == (soda_config is not None)  # soda/retrieval.py
     assert ("codes_changed" in written.get("tokenizer_final", {})) == (schedule != "plain")
     if schedule == "frozen":  # the tokenizer never trained: the codes did not move
         assert written["tokenizer_final"]["codes_changed"] == 0.0

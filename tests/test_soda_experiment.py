@@ -1,17 +1,21 @@
 """The experiment driver: one record per finished run, skipped when present, TIGER's rows first,
-mean ± std tables, and each SODA row against its base with a paired bootstrap over users."""
+mean ± std tables, each SODA row against its base with a paired bootstrap over users and a
+hierarchical one over seeds and users, the sample sizes from the measured spread, and the tables
+rewritten from the records alone."""
 
 import json
+import math
 import random
 import statistics
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from soda import __main__ as soda_main
 from soda import experiment
-from soda.experiment import paired_bootstrap, run_all
+from soda.experiment import hierarchical_bootstrap, paired_bootstrap, run_all, sample_sizes
 from soda.metrics import METRICS
 from soda.recipes import PRESETS
 
@@ -71,16 +75,20 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     assert "tokenizer_final" not in json.loads((records / "sasrec-seed0.json").read_text())
     table = (tmp_path / "results" / "toy.md").read_text()
     assert "| tiger+soda | 2/2 |" in table and json.loads((tmp_path / "results" / "toy.json").read_text()) == summary
-    # each SODA row against TIGER, seed by seed, with the bootstrap computed from the records' ranks
-    comparison = summary["comparisons"]["tiger+soda side=recommender"]
+    # each SODA row against TIGER, seed by seed, with the bootstraps computed from the records' ranks
+    assert [(c["run"], c["base"]) for c in summary["comparisons"]] == [(run.name, "tiger") for run in runs[1:4]]
+    comparison = summary["comparisons"][1]
     base, variant = (
         [json.loads((records / f"{n}-seed{s}.json").read_text()) for s in (0, 1)]
         for n in ("tiger", "tiger+soda_side-recommender")
     )
     changes = [v["test"]["recall@10"] / b["test"]["recall@10"] - 1 for b, v in zip(base, variant, strict=True)]
+    assert comparison["run"] == "tiger+soda side=recommender"
     assert comparison["seeds"] == [0, 1] and comparison["change_per_seed"] == pytest.approx(changes)
-    assert comparison["bootstrap"]["low"] <= comparison["bootstrap"]["change"] <= comparison["bootstrap"]["high"]
-    assert comparison["bootstrap"]["change"] == pytest.approx(comparison["change"])
+    for key in ("users_bootstrap", "hierarchical_bootstrap"):
+        assert comparison[key]["low"] <= comparison[key]["change"] <= comparison[key]["high"]
+        assert comparison[key]["change"] == pytest.approx(comparison["change"])
+    assert comparison["sample_sizes"]["mean_change"] == pytest.approx(statistics.fmean(changes))
     assert "| tiger+soda side=tokenizer | tiger | 2 |" in table
 
     # A rerun with one record removed trains only that run, and one more seed adds one seed's runs.
@@ -144,7 +152,8 @@ def test_cli_rejects_an_unknown_run_before_training(tmp_path, monkeypatch, capsy
 def test_ablation_changes_one_choice_at_a_time():
     runs = experiment.ablation_runs()
     default = runs[0].soda
-    assert runs[0] == experiment.experiment_runs(("tiger",))[1]  # shares the experiment's records
+    assert replace(runs[0], against=()) == experiment.experiment_runs(("tiger",))[1]  # the experiment's records
+    assert runs[0].against == tuple(run.name for run in runs[1:])  # the default against each variant
     for run in runs[1:]:
         changed = [k for k, v in vars(run.soda).items() if v != getattr(default, k)]
         assert len(changed) == 1 and run.backbone == "tiger", run
@@ -162,3 +171,104 @@ def test_the_demo_ends_by_saying_where_its_files_are(tmp_path):
         f"  tiger: {tmp_path / 'tiger'}/  best.pt curves.png last.pt metrics.json",
         f"  sasrec: {tmp_path / 'sasrec'}/  ",
     ]
+
+
+def hits_at(rates: list[float], users: int, seed: int) -> torch.Tensor:
+    """Seeded random hits of each seed's run: (S, U) float64, seed s's users hit with rates[s]."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(len(rates), users, generator=generator) < torch.tensor(rates)[:, None]).double()
+
+
+def test_hierarchical_bootstrap_counts_the_seeds_spread():
+    base = hits_at([0.15] * 4, users=600, seed=1)
+    big = hits_at([0.3] * 4, users=600, seed=2)  # twice the hits in every seed
+    result = hierarchical_bootstrap(base, big, resamples=2000)
+    assert result["change"] == pytest.approx(big.mean().item() / base.mean().item() - 1)
+    assert 0 < result["low"] < result["change"] < result["high"] and result["p_not_better"] == 0.0
+    same = hierarchical_bootstrap(base, base, resamples=2000)
+    assert same["low"] == same["high"] == same["change"] == 0.0 and same["p_not_better"] == 1.0
+    null = hierarchical_bootstrap(base, hits_at([0.15] * 4, users=600, seed=3), resamples=2000)
+    assert null["low"] < 0 < null["high"] and 0.05 < null["p_not_better"] < 0.95
+    # the variant's effect swings from seed to seed: the users-only interval misses it, this one not
+    swinging = hits_at([0.15 * (1 + effect) for effect in (0.9, -0.2, 0.8, -0.1)], users=600, seed=4)
+    users_only, both = paired_bootstrap(base, swinging, resamples=2000), hierarchical_bootstrap(base, swinging, 2000)
+    assert both["high"] - both["low"] > 2 * (users_only["high"] - users_only["low"])
+    assert users_only["low"] > 0 > both["low"]
+
+
+def test_hierarchical_bootstrap_draws_seeds_then_users_per_drawn_seed():
+    base, variant = hits_at([0.2, 0.1, 0.3], users=40, seed=5), hits_at([0.3, 0.2, 0.1], users=40, seed=6)
+    result = hierarchical_bootstrap(base, variant, resamples=300)
+    # the same resamples one by one, from the function's seeded draws: seeds first, then users per slot
+    generator = torch.Generator().manual_seed(0)
+    seed_draws = torch.randint(3, (300, 3), generator=generator)
+    user_draws = [torch.randint(40, (300, 40), generator=generator) for _ in range(3)]
+    changes = []
+    for r in range(300):
+        drawn = [(seed_draws[r, slot], user_draws[slot][r]) for slot in range(3)]
+        base_sum = sum(base[seed, users].sum() for seed, users in drawn)
+        changes.append(sum(variant[seed, users].sum() for seed, users in drawn) / base_sum - 1)
+    low, high = torch.quantile(torch.stack(changes), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert (result["low"], result["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert result["p_not_better"] == pytest.approx(sum(change <= 0 for change in changes).item() / 300)
+
+
+def test_sample_sizes_on_a_hand_computed_case():
+    base = torch.zeros(2, 100, dtype=torch.float64)
+    base[:, :10] = 1  # 10 hits of 100 users in both seeds
+    variant = torch.zeros(2, 100, dtype=torch.float64)
+    variant[0, :9] = 1  # seed 0: one hit lost, -10%
+    variant[1, :13] = 1  # seed 1: three hits won, +30%
+    sizes = sample_sizes(base, variant)
+    assert sizes["mean_change"] == pytest.approx(0.1) and sizes["sd_change"] == pytest.approx(0.2 * math.sqrt(2))
+    assert sizes["seeds_needed"] == 31  # (1.96 · 0.2√2 / 0.1)² = 1.96² · 8 = 30.7
+    # within seed 0 the users' differences v − 0.9·b are 0.1 (9 users), −0.9 (1), 0: variance 0.9/99,
+    # within seed 1 v − 1.3·b are −0.3 (10 users), 1 (3), 0: variance 3.9/99; over mean(base)² = 0.01
+    users_variance = (90 / 99 + 390 / 99) / 2
+    assert sizes["sd_users"] == pytest.approx(math.sqrt(users_variance / 100))
+    assert sizes["sd_training"] == pytest.approx(math.sqrt(0.08 - users_variance / 100))
+    assert sizes["users_needed"] is None  # 2 · (0.1 / 1.96)² < the seed-level variance: no users suffice
+    steady = sample_sizes(base, variant[[1, 1]])  # +30% in both seeds: all of the spread is the users'
+    assert steady["sd_change"] == 0 and steady["sd_training"] == 0 and steady["seeds_needed"] == 1
+    assert steady["users_needed"] == 85  # (390 / 99) / (2 · (0.3 / 1.96)²) = 84.1
+    with pytest.raises(ValueError, match="sample_sizes: base has 1 seed"):
+        sample_sizes(base[:1], variant[:1])
+
+
+def write_record(records_dir, name: str, seed: int, hit_rate: float) -> None:
+    """A finished run's record with seeded hits of 300 test users at ``hit_rate``."""
+    rng = random.Random(f"{name}-{seed}")
+    ranks = [rng.randrange(10) if rng.random() < hit_rate else -1 for _ in range(300)]
+    test = {metric: rng.random() for metric in METRICS} | {"recall@10": sum(rank >= 0 for rank in ranks) / 300}
+    record = {"run": name, "seed": seed, "minutes": 1.0, "valid": test, "test": test, "ranks": {"test": ranks}}
+    experiment.write_atomic(experiment.record_path(records_dir, name, seed), json.dumps(record))
+
+
+def test_tables_only_rewrites_the_ablation_tables_from_the_records(tmp_path, monkeypatch, capsys):
+    records_dir = tmp_path / "ml-100k" / "cpu-converged"
+    records_dir.mkdir(parents=True)
+    for seed in range(2):
+        for name, hit_rate in (("tiger", 0.1), ("tiger+soda", 0.2), ("tiger+soda weight=0", 0.15)):
+            write_record(records_dir, name, seed, hit_rate)
+    monkeypatch.setattr(experiment, "train_generative", None)  # calling either would fail the test
+    monkeypatch.setattr(experiment, "train_baselines", None)
+    arguments = ["ablate", "--preset", "cpu-converged", "--seeds", "3", "--tables-only"]
+    monkeypatch.setattr(sys, "argv", ["soda", *arguments, "--results", str(tmp_path), "--out", str(tmp_path / "o")])
+    soda_main.main()
+    summary = json.loads((tmp_path / "ml-100k-cpu-converged-ablation.json").read_text())
+    pairs = [(c["run"], c["base"]) for c in summary["comparisons"]]
+    joint, control = "tiger+soda", "tiger+soda weight=0"
+    assert pairs == [(joint, "tiger"), (control, "tiger"), (joint, control)]  # joint, control, joint vs control
+    assert sorted(summary["rows"]) == [joint, control] and summary["rows"][joint]["seeds"] == [0, 1]
+    table = (tmp_path / "ml-100k-cpu-converged-ablation.md").read_text()
+    assert capsys.readouterr().out.strip() == table.strip()
+    joint_vs_control = summary["comparisons"][2]
+    users, both = joint_vs_control["users_bootstrap"], joint_vs_control["hierarchical_bootstrap"]
+    cells = f"{experiment.percent(users['low'])} to {experiment.percent(users['high'])} | {users['p_not_better']:.3f}"
+    cells += f" | {experiment.percent(both['low'])} to {experiment.percent(both['high'])}"
+    assert f"| {joint} | {control} | 2 |" in table and cells in table
+    sizes = joint_vs_control["sample_sizes"]
+    assert f"| {joint} | {control} | 2 | {experiment.percent(sizes['mean_change'])} |" in table
+    assert sorted(path.name for path in records_dir.iterdir()) == sorted(  # no record added or changed
+        experiment.record_path(records_dir, name, seed).name for name in ("tiger", joint, control) for seed in (0, 1)
+    )

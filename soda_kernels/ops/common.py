@@ -101,6 +101,7 @@ def launch_config(kind: str, **sizes: int) -> dict:
       "groups"  (): in-batch "mean", sums over the batch's groups, a chunk of features a program
       "rank"    (): in-batch "mean", rows ranked by their positive
       "pairwise" (codes): pairwise_kl's output tiles
+      "topk"    (width, wide): distributional_topk's score tiles and running top-k lists
       "mean_logits", "mean_grads" (codes, dim, wide): in-batch "mean"'s prologue and epilogue ("rows")
       "log_softmax", "log_softmax_grads" (codes, dim, wide): codebook_log_softmax ("rows")
     """
@@ -176,6 +177,16 @@ def launch_config(kind: str, **sizes: int) -> dict:
         if INTERPRETER:
             return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_pow2(sizes["codes"], high=64), num_warps=8, num_stages=2)
+    if kind == "topk":  # distributional_topk: (users, items) score tiles, a running list of ``width`` keys a row
+        # PROGRAMS: the programs to aim for (row blocks x catalogue splits); a tile is at least as
+        # wide as the list, which the merge needs
+        if INTERPRETER:
+            # 32 items a tile: a 16-wide list (k <= 16) takes the tile's own top-k first, a wider one not
+            return dict(BLOCK_M=16, BLOCK_N=max(32, sizes["width"]), BLOCK_F=32, PROGRAMS=4)
+        # a 128-wide list (k up to 128) with 64 rows spills (the join holds 256 keys a row): 32 rows
+        block_m = 64 if sizes["width"] <= 32 else 32
+        return dict(BLOCK_M=block_m, BLOCK_N=max(64, sizes["width"]), BLOCK_F=32 if sizes["wide"] else 64,
+                    PROGRAMS=1024, num_warps=8, num_stages=3)
     if kind == "rank":  # rows ranked against the batch, BLOCK_C of it at a time
         return dict(BLOCK_R=16, BLOCK_C=16) if INTERPRETER else dict(BLOCK_R=32, BLOCK_C=64, num_warps=4)
     if kind == "groups":  # a program streams B rows of a chunk of BLOCK_F features, BLOCK_R at a time
