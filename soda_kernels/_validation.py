@@ -12,12 +12,14 @@ under ``torch.compile``. They run in eager mode unless the caller passes ``valid
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .ops.common import INTERPRETER, index_bounds
+from ._triton import INTERPRETER, triton_missing
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -26,10 +28,17 @@ IN_BATCH_MODES = ("items", "users", "both", "mean")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def type_name(value) -> str:
+    """The exact name of value's type: ``float``, ``numpy.float32``, ``torch.Tensor``."""
+    kind = type(value)
+    module = "torch" if kind is torch.Tensor else kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
 def check_float_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
     """A floating-point tensor of rank ``ndim`` (``dims`` spells its axes)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape ({dims}), got {type(value).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({dims}), got {type_name(value)}")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
@@ -42,14 +51,12 @@ def check_float_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
 
 def check_values(validate) -> bool:
     """Whether to run the value checks: ``validate`` (a bool) and not tracing for ``torch.compile``."""
-    if not isinstance(validate, bool):
-        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
-    return validate and not torch.compiler.is_compiling()
+    return check_bool("validate", validate) and not torch.compiler.is_compiling()
 
 
 def check_index_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 torch.Tensor of shape ({dims}), got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int64 torch.Tensor of shape ({dims}), got {type_name(value)}")
     if value.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {value.dtype}")
     if value.dim() != ndim:
@@ -65,7 +72,9 @@ def check_index_ranges(*checks: tuple[str, torch.Tensor, int, int]) -> None:
     if not checks:
         return
     values = [value for _, value, _, _ in checks]
-    if values[0].is_cuda or INTERPRETER:
+    if (values[0].is_cuda or INTERPRETER) and triton_missing() is None:
+        from .ops.common import index_bounds
+
         bounds = index_bounds(*values)
     else:
         bounds = [(int(b.min), int(b.max)) for b in map(torch.aminmax, values)]
@@ -85,12 +94,30 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def _scalar(value):
+    """A 0-d tensor that does not require grad as a Python number or bool (its one host read);
+    anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad:
+        return value.item()
+    return value
+
+
 def check_temperature(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
+    """A positive finite number: a Python or numpy number, or a 0-d tensor not requiring grad."""
+    number = _scalar(value)
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type_name(value)}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {number}")
+    return float(number)
+
+
+def check_bool(name: str, value) -> bool:
+    """A Python or numpy bool, or a 0-d bool tensor not requiring grad."""
+    flag = _scalar(value)
+    if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+    return bool(flag)
 
 
 def check_option(name: str, value, allowed: Sequence[str]) -> str:
@@ -99,9 +126,11 @@ def check_option(name: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_layer_weights(value, num_layers: int, device: torch.device, values: bool = True) -> torch.Tensor | None:
-    """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` non-negative weights
-    (finiteness and sign checked only with ``values``).
+def check_layer_weights(
+    value, num_layers: int | None, device: torch.device, values: bool = True
+) -> torch.Tensor | None:
+    """``None`` (all ones), a sequence or a 1-d tensor of ``num_layers`` (any number for None)
+    non-negative weights (finiteness and sign checked only with ``values``), not requiring grad.
 
     Returned as a detached float32 tensor on ``device`` (layer weights get no gradient), or None
     for all ones: the kernels then load no weights and nothing is allocated.
@@ -109,15 +138,22 @@ def check_layer_weights(value, num_layers: int, device: torch.device, values: bo
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(
+                "layer_weights get no gradient (the loss is not differentiated in them): pass a tensor that "
+                "does not require grad (layer_weights.detach())"
+            )
         if value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"layer_weights must be real numbers, got {value.dtype}")
         weights = value.detach().to(device=device, dtype=torch.float32)
     else:
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for v in value):
+            raise ValueError("layer_weights get no gradient: pass weights that do not require grad (detach them)")
         try:
             weights = torch.tensor([float(v) for v in value], dtype=torch.float32, device=device)
         except (TypeError, ValueError) as error:
             raise TypeError(f"layer_weights must be a sequence of numbers or a 1-d tensor: {error}") from None
-    if weights.dim() != 1 or weights.numel() != num_layers:
+    if weights.dim() != 1 or (num_layers is not None and weights.numel() != num_layers):
         raise ValueError(f"layer_weights must hold L={num_layers} weights, got shape {tuple(weights.shape)}")
     if values and (not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())):
         raise ValueError(f"layer_weights must be finite and >= 0, got {weights.tolist()}")
@@ -143,10 +179,8 @@ def check_residuals(name: str, value, num_layers: int, dim: int, rows: str) -> N
 
 
 def check_user(user, user_logits, num_layers: int, num_codes: int, dim: int) -> None:
-    """``user``: (B, L, d) residuals, or (B, L, K) logits with ``user_logits`` (a bool)."""
-    if not isinstance(user_logits, bool):
-        raise TypeError(f"user_logits must be a bool, got {type(user_logits).__name__}")
-    if user_logits:
+    """``user``: (B, L, d) residuals, or (B, L, K) logits with ``user_logits`` (a bool option)."""
+    if check_bool("user_logits", user_logits):
         check_float_tensor("user", user, 3, "B, L, K")
         if user.shape[1] != num_layers or user.shape[2] != num_codes:
             raise ValueError(
@@ -157,32 +191,59 @@ def check_user(user, user_logits, num_layers: int, num_codes: int, dim: int) -> 
 
 
 @dataclass(frozen=True)
-class BPRArgs:
-    """The validated, normalised arguments of ``distributional_bpr``."""
+class BPROptions:
+    """The validated, normalised keyword options of ``distributional_bpr`` (Python bools and floats;
+    ``user_temperature`` resolved), checked without any tensor: ``DistributionalBPRLoss`` checks
+    them at construction."""
 
-    layer_weights: torch.Tensor | None
+    user_logits: bool
+    in_batch: str
+    symmetric: bool
     temperature: float
     user_temperature: float
-    in_batch: str
     reduction: str
     backend: str
+    validate: bool
+
+
+def check_bpr_options(
+    *, user_logits=False, in_batch="items", symmetric=False, temperature=1.0, user_temperature=None,
+    reduction="mean", backend="auto", validate=True,
+) -> BPROptions:
+    user_logits = check_bool("user_logits", user_logits)
+    tau = check_temperature("temperature", temperature)
+    if user_temperature is not None and user_logits:
+        raise ValueError(
+            "user_temperature has no effect with user_logits=True (the user's logits are softmaxed as given): "
+            "leave it None, or scale the logits"
+        )
+    return BPROptions(
+        user_logits=user_logits,
+        in_batch=check_option("in_batch", in_batch, IN_BATCH_MODES),
+        symmetric=check_bool("symmetric", symmetric),
+        temperature=tau,
+        user_temperature=tau if user_temperature is None else check_temperature("user_temperature", user_temperature),
+        reduction=check_option("reduction", reduction, REDUCTIONS),
+        backend=check_option("backend", backend, BACKENDS),
+        validate=check_bool("validate", validate),
+    )
 
 
 def check_distributional_bpr(
-    user, items, codebooks, positives, negatives, *, user_logits, in_batch, symmetric,
-    temperature, user_temperature, layer_weights, reduction, backend, validate,
-) -> BPRArgs:
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    user, items, codebooks, positives, negatives, *, layer_weights, **options,
+) -> tuple[BPROptions, torch.Tensor | None]:
+    """(the options, the layer weights as ``check_layer_weights`` returns them); ``options`` as
+    ``check_bpr_options`` takes them."""
+    checked = check_bpr_options(**options)
     num_layers, num_codes, dim = check_codebooks(codebooks)
-    check_user(user, user_logits, num_layers, num_codes, dim)
+    check_user(user, checked.user_logits, num_layers, num_codes, dim)
     check_residuals("items", items, num_layers, dim, "N")
     check_index_tensor("positives", positives, 1, "B")
     batch = user.shape[0]
     if positives.shape[0] != batch:
         raise ValueError(f"positives must have B={batch} entries (one per user row), got {positives.shape[0]}")
-    if batch == 0:
-        raise ValueError("user must hold at least one row (B >= 1)")
+    if batch > 0 and items.shape[0] == 0:
+        raise ValueError("items must hold at least one row (N >= 1) for B >= 1 positives")
     tensors = dict(user=user, items=items, codebooks=codebooks, positives=positives)
     if negatives is not None:
         check_index_tensor("negatives", negatives, 2, "B, S")
@@ -190,19 +251,14 @@ def check_distributional_bpr(
             raise ValueError(f"negatives must have B={batch} rows, got shape {tuple(negatives.shape)}")
         tensors["negatives"] = negatives
     device = check_same_device(**tensors)
-    check_option("in_batch", in_batch, IN_BATCH_MODES)
-    check_option("reduction", reduction, REDUCTIONS)
-    check_option("backend", backend, BACKENDS)
-    tau = check_temperature("temperature", temperature)
-    tau_user = tau if user_temperature is None else check_temperature("user_temperature", user_temperature)
-    values = check_values(validate)
+    values = check_values(checked.validate)
     weights = check_layer_weights(layer_weights, num_layers, device, values)
     if values:
         checks = [("positives", positives, 0, items.shape[0])]
         if negatives is not None:
             checks.append(("negatives", negatives, -1, items.shape[0]))
         check_index_ranges(*checks)
-    return BPRArgs(weights, tau, tau_user, in_batch, reduction, backend)
+    return checked, weights
 
 
 def check_gather_in_batch(user, items, positives, item_ids) -> None:
@@ -285,8 +341,7 @@ def check_distributional_topk(
     layer_weights, backend,
 ) -> TopkArgs:
     """Every argument of ``distributional_topk`` but the catalogue (``items``), whose N is given."""
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    check_bool("symmetric", symmetric)
     num_layers, num_codes, dim = check_codebooks(codebooks)
     check_user(user, user_logits, num_layers, num_codes, dim)
     device = check_same_device(user=user, codebooks=codebooks)

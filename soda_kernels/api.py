@@ -24,6 +24,7 @@ from torch import nn
 from . import torch_backend
 from ._backend import autocast_off, resolve_backend
 from ._validation import (
+    check_bpr_options,
     check_codebooks,
     check_distributional_bpr,
     check_distributional_topk,
@@ -34,13 +35,9 @@ from ._validation import (
     check_temperature,
     check_values,
 )
-from .ops.in_batch_mean import in_batch_mean
-from .ops.in_batch_pairs import in_batch_pairs
-from .ops.pairwise_kl import pairwise_kl as pairwise_kl_triton
-from .ops.sampled_negatives import sampled_bpr
-from .ops.soft_assignment import log_soft_assignment
-from .ops.topk import TOPK_MAX_K
-from .ops.topk import distributional_topk as distributional_topk_triton
+
+# The Triton ops (soda_kernels.ops.*) are imported where a call first takes the Triton backend, so
+# that ``import soda_kernels`` and backend="torch" work where Triton is not installed.
 
 
 @autocast_off
@@ -64,6 +61,8 @@ def codebook_log_softmax(
     tau = check_temperature("temperature", temperature)
     if resolve_backend(backend, x=x, codebooks=codebooks) == "torch":
         return torch_backend.codebook_log_softmax(x, codebooks, tau)
+    from .ops.soft_assignment import log_soft_assignment
+
     return log_soft_assignment(x, codebooks, tau)
 
 
@@ -98,6 +97,8 @@ def pairwise_kl(
     weights = check_layer_weights(layer_weights, p_logits.shape[1], device, check_values(validate))
     if resolve_backend(backend, p_logits=p_logits, q_logits=q_logits) == "torch":
         return torch_backend.pairwise_kl(p_logits, q_logits, weights)
+    from .ops.pairwise_kl import pairwise_kl as pairwise_kl_triton
+
     return pairwise_kl_triton(p_logits, q_logits, weights)
 
 
@@ -140,27 +141,58 @@ def distributional_bpr(
             loop. Shapes, dtypes, devices and options are always checked. The value checks are
             skipped while ``torch.compile`` traces, so a compiled call never syncs.
 
+    Options take Python, numpy or 0-d tensor (not requiring grad) numbers and bools.
+
     Returns:
-        A float32 scalar (float64 for float64 inputs), or (B,) with ``reduction="none"``.
+        A float32 scalar, or (B,) with ``reduction="none"``. Inputs may mix dtypes: the arithmetic
+        and the loss are float32, float64 where any input is float64 (the torch backend only; the
+        Triton backend refuses float64); each gradient comes in its input's dtype. B = 0 gives 0.0
+        (an empty (0,) tensor for "none") with zero gradients.
+
+    Unchecked indices (``validate=False``, ``torch.compile``): an index outside [0, N) (or a -1 in
+    ``positives``, or below -1 in ``negatives``) is never read; it makes the item's distribution
+    NaN, so the loss is NaN: for "none", the row holding it and, in-batch "items" / "both", every
+    row that has it as a negative; the gradients are NaN (the codebooks' throughout).
+
+    Non-finite inputs are not checked (a host synchronisation): a NaN or +-inf in ``user``,
+    ``items`` or ``codebooks``, or a ``user_logits`` row with -inf entries (codes of probability
+    0), gives a NaN or +inf loss (its rows for "none", those whose terms use it) and non-finite
+    gradients, the same on both backends.
     """
-    args = check_distributional_bpr(
+    checked, weights = check_distributional_bpr(
         user, items, codebooks, positives, negatives, user_logits=user_logits, in_batch=in_batch,
         symmetric=symmetric, temperature=temperature, user_temperature=user_temperature,
         layer_weights=layer_weights, reduction=reduction, backend=backend, validate=validate,
     )
+    if user.shape[0] == 0:
+        return _no_terms(user, items, codebooks, checked.reduction)
     options = dict(
-        user_logits=user_logits, symmetric=symmetric, temperature=args.temperature,
-        user_temperature=args.user_temperature, layer_weights=args.layer_weights, reduction=reduction,
+        user_logits=checked.user_logits, symmetric=checked.symmetric, temperature=checked.temperature,
+        user_temperature=checked.user_temperature, layer_weights=weights, reduction=checked.reduction,
     )
-    if resolve_backend(backend, user=user, items=items, codebooks=codebooks) == "torch":
+    if resolve_backend(checked.backend, user=user, items=items, codebooks=codebooks) == "torch":
         return torch_backend.distributional_bpr(
-            user, items, codebooks, positives, negatives, in_batch=in_batch, **options
+            user, items, codebooks, positives, negatives, in_batch=checked.in_batch, **options
         )
     if negatives is not None:
+        from .ops.sampled_negatives import sampled_bpr
+
         return sampled_bpr(user, items, codebooks, positives, negatives, **options)
-    if in_batch == "mean":
+    if checked.in_batch == "mean":
+        from .ops.in_batch_mean import in_batch_mean
+
         return in_batch_mean(user, items, codebooks, positives, **options)
-    return in_batch_pairs(user, items, codebooks, positives, in_batch=in_batch, **options)
+    from .ops.in_batch_pairs import in_batch_pairs
+
+    return in_batch_pairs(user, items, codebooks, positives, in_batch=checked.in_batch, **options)
+
+
+def _no_terms(user, items, codebooks, reduction: str) -> torch.Tensor:
+    """The loss of an empty batch: 0.0 (an empty (0,) tensor for "none") in the compute dtype, with
+    zero gradients for every input (sums over empty slices, which no NaN in the inputs reaches)."""
+    dtype = torch_backend.compute_dtype(user, items, codebooks)
+    zero = sum(t.flatten()[:0].sum().to(dtype) for t in (user, items, codebooks))
+    return zero.expand(0) if reduction == "none" else zero
 
 
 class DistributionalBPRLoss(nn.Module):
@@ -181,6 +213,10 @@ class DistributionalBPRLoss(nn.Module):
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise TypeError(f"DistributionalBPRLoss got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        # Checked now, so that a bad option fails here and not at the first call (the number of
+        # layer weights waits for the codebooks).
+        check_bpr_options(**{k: v for k, v in options.items() if k != "layer_weights"})
+        check_layer_weights(options.get("layer_weights"), None, torch.device("cpu"), options.get("validate", True))
         self.options = options
 
     def forward(self, user, items, codebooks, positives, negatives=None) -> torch.Tensor:
@@ -310,17 +346,23 @@ def distributional_topk(
     if catalogue is None:
         catalogue = ItemDistributions.from_items(items, codebooks, item_temperature, backend=backend)
     chosen = resolve_backend(backend, user=user, codebooks=codebooks, items=catalogue.probs)
-    if chosen == "triton" and k > TOPK_MAX_K:
-        if backend == "triton":
-            raise ValueError(f"backend='triton' keeps k <= {TOPK_MAX_K} on chip, got k={k} (use backend='auto')")
-        chosen = "torch"
+    if chosen == "triton":
+        from .ops.topk import TOPK_MAX_K
+
+        if k > TOPK_MAX_K:
+            if backend == "triton":
+                raise ValueError(f"backend='triton' keeps k <= {TOPK_MAX_K} on chip, got k={k} (use backend='auto')")
+            chosen = "torch"
     if user_logits:
         log_q = user.detach().to(torch_backend.compute_dtype(user)).log_softmax(-1)
     else:
         log_q = codebook_log_softmax(user.detach(), codebooks.detach(), args.user_temperature, backend=chosen)
     rows, row_bias = torch_backend.topk_user_operands(log_q, args.layer_weights, symmetric)
     item_bias = torch_backend.topk_item_bias(catalogue.negative_entropy, args.layer_weights, row_bias.dtype)
-    run = torch_backend.distributional_topk if chosen == "torch" else distributional_topk_triton
+    if chosen == "torch":
+        run = torch_backend.distributional_topk
+    else:
+        from .ops.topk import distributional_topk as run
     return run(rows.to(catalogue.probs.dtype) if chosen == "triton" else rows, row_bias, catalogue.probs,
                catalogue.log_probs, item_bias, args.excluded_rows, args.excluded_items, k)
 

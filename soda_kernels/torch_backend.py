@@ -13,7 +13,11 @@ definition; this is what users run without Triton):
 * the in-batch mean user distribution by group sums over equal positives and
   prefix/suffix sums over the groups (no subtraction, so no cancellation).
 
-Arithmetic runs in float32 (float64 when an input is float64).
+Arithmetic runs in float32 (float64 when an input is float64), whatever mix of dtypes comes in.
+
+Indices are never trusted (the value checks may have been skipped): an index outside its range
+reads row 0 instead and makes that item's distribution NaN, as the Triton kernels do, so the terms
+that use it are NaN.
 """
 
 from __future__ import annotations
@@ -137,6 +141,16 @@ def in_batch_mean_user(log_q: torch.Tensor, positives: torch.Tensor):
     return log_mean(sum_over_other_groups(log_q.exp(), group_of_row), count), count
 
 
+def checked_item_rows(items, index: torch.Tensor, codebooks, temperature: float, padding: bool):
+    """log P of the items ``index`` names, (*index.shape, L, K): NaN where the index lies outside
+    [0, N) (-1 with ``padding``: a finite distribution nothing uses), computed from row 0 there, so
+    no index outside the table is ever read."""
+    outside = (index < (-1 if padding else 0)) | (index >= items.shape[0])
+    rows = torch.where(outside | (index < 0), 0, index)
+    log_p = codebook_log_softmax(items[rows.flatten()], codebooks, temperature).unflatten(0, index.shape)
+    return torch.where(outside[..., None, None], float("nan"), log_p)
+
+
 def reduce_terms(row_sums: torch.Tensor, row_counts: torch.Tensor, reduction: str) -> torch.Tensor:
     """mean over all terms / sum / per-row mean; 0 (with zero gradients) where there are no terms."""
     if reduction == "sum":
@@ -153,27 +167,27 @@ def distributional_bpr(user, items, codebooks, positives, negatives, *, user_log
     if user_logits:
         log_q = user.to(dtype).log_softmax(-1)
     else:
-        log_q = codebook_log_softmax(user, codebooks, user_temperature)
+        log_q = codebook_log_softmax(user, codebooks, user_temperature).to(dtype)
     users = _Side(log_q, weights)
-    positive_items = _Side(codebook_log_softmax(items[positives], codebooks, temperature), weights)
+    positive_items = _Side(checked_item_rows(items, positives, codebooks, temperature, padding=False).to(dtype),
+                           weights)
     positive_score = score_rows(users, positive_items, weights, symmetric)
 
+    # Terms by torch.where (not a product with the 0/1 mask), so that a NaN score outside the
+    # terms stays out of the loss, as in the kernels.
     if negatives is not None:
-        mask = negatives >= 0
-        negative_items = _Side(
-            codebook_log_softmax(items[negatives.clamp_min(0)].flatten(0, 1), codebooks, temperature)
-            .unflatten(0, negatives.shape),
-            weights,
-        )
+        mask = negatives != -1
+        negative_items = _Side(checked_item_rows(items, negatives, codebooks, temperature, padding=True).to(dtype),
+                               weights)
         negative_score = score_rows(users, negative_items, weights, symmetric)
-        terms = F.softplus(negative_score - positive_score[:, None]) * mask
+        terms = torch.where(mask, F.softplus(negative_score - positive_score[:, None]), 0.0)
         return reduce_terms(terms.sum(1), mask.sum(1), reduction)
 
     if in_batch == "mean":
         log_mean, count = in_batch_mean_user(log_q, positives)
         mean_score = score_rows(_Side(log_mean, weights), positive_items, weights, symmetric)
         has_term = count > 0
-        terms = F.softplus(mean_score - positive_score) * has_term
+        terms = torch.where(has_term, F.softplus(mean_score - positive_score), 0.0)
         return reduce_terms(terms, has_term.to(terms.dtype), reduction)
 
     scores = score_matrix(users, positive_items, weights, symmetric)
@@ -181,9 +195,9 @@ def distributional_bpr(user, items, codebooks, positives, negatives, *, user_log
     row_sums = scores.new_zeros(len(positives))
     row_counts = valid.sum(1) * (2 if in_batch == "both" else 1)
     if in_batch in ("items", "both"):
-        row_sums = row_sums + (F.softplus(scores - positive_score[:, None]) * valid).sum(1)
+        row_sums = row_sums + torch.where(valid, F.softplus(scores - positive_score[:, None]), 0.0).sum(1)
     if in_batch in ("users", "both"):
-        row_sums = row_sums + (F.softplus(scores.T - positive_score[:, None]) * valid).sum(1)
+        row_sums = row_sums + torch.where(valid, F.softplus(scores.T - positive_score[:, None]), 0.0).sum(1)
     return reduce_terms(row_sums, row_counts, reduction)
 
 

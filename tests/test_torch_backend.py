@@ -30,7 +30,7 @@ def test_every_option_matches_reference(dtype, mode, symmetric, reduction, user_
     )
     compare_with_reference(
         inputs, "torch", in_batch="items" if mode == "sampled" else mode, symmetric=symmetric,
-        reduction=reduction, user_logits=user_logits, temperature=0.8, user_temperature=1.7,
+        reduction=reduction, user_logits=user_logits, temperature=0.8, user_temperature=None if user_logits else 1.7,
         layer_weights=[1.0, 0.0, 2.5],
     )
 

@@ -72,11 +72,6 @@ def test_mixed_devices_are_refused():
         sk.distributional_bpr(**_inputs(items=meta))
 
 
-def test_empty_batch_is_refused():
-    with pytest.raises(ValueError, match="B >= 1"):
-        sk.distributional_bpr(**_inputs(user=torch.randn(0, 2, 3), positives=torch.zeros(0, dtype=torch.long)))
-
-
 def test_triton_backend_refuses_float64():
     inputs = _inputs()
     inputs = {k: v.double() if k in ("user", "items", "codebooks") else v for k, v in inputs.items()}

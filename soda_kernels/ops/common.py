@@ -94,6 +94,15 @@ def feature_weights(weights_ptr, features, num_codes, mask):
 
 
 @triton.jit
+def clamp_rows(index, num_rows):
+    """Indices into a table of ``num_rows`` >= 1 rows clamped into [0, num_rows), so that an index
+    outside the table is never read: the value checks may have been skipped (validate=False,
+    torch.compile), and the caller makes what it computes from a clamped index NaN, so that the
+    error shows in the loss. (A clamp, not a select on the range check, which costs registers.)"""
+    return tl.minimum(tl.maximum(index, 0), num_rows - 1)
+
+
+@triton.jit
 def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
     e = tl.exp(-tl.abs(x))
@@ -360,14 +369,15 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @triton.jit
 def _sum_rows_by_index_kernel(
-    rows_ptr, index_ptr, out_ptr, num_rows, width,
+    rows_ptr, index_ptr, out_ptr, num_rows, num_targets, width,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """out[index[r]] = sum of rows[r'] over every r' with index[r'] == index[r], written once, by
     the first such r, for the columns of this program's width block.
 
     rows_ptr: (num_rows, width) float32; index_ptr: (num_rows,) int64; out_ptr: (num_targets,
-    width) in the gradient's dtype, rows no index names left as they are. The sum over a block of
+    width) in the gradient's dtype, rows no index names left as they are (an index outside
+    [0, num_targets) writes nothing). The sum over a block of
     candidate rows is a product with the 0/1 match matrix in float32 FMAs ("ieee": exact products),
     taken only for the blocks that hold a match, so the order of the additions is fixed.
     """
@@ -387,8 +397,9 @@ def _sum_rows_by_index_kernel(
             values = tl.load(rows_ptr + others[:, None] * width + columns[None, :],
                              mask=other_mask[:, None] & column_mask[None, :], other=0.0)
             total = tl.dot(match.to(tl.float32), values, total, input_precision="ieee")
-    out = out_ptr + index[:, None] * width + columns[None, :]
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=first[:, None] & column_mask[None, :])
+    inside = first & (index >= 0) & (index < num_targets)
+    out = out_ptr + tl.where(inside, index, 0)[:, None] * width + columns[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=inside[:, None] & column_mask[None, :])
 
 
 def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int, dtype: torch.dtype) -> torch.Tensor:
@@ -398,7 +409,7 @@ def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int,
     out = torch.zeros((num_targets, *rows.shape[1:]), dtype=dtype, device=rows.device)
     config = launch_config("match", width=width)
     grid = (triton.cdiv(rows.shape[0], config["BLOCK_R"]), triton.cdiv(width, config["BLOCK_W"]))
-    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], width, **config)
+    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], num_targets, width, **config)
     return out
 
 

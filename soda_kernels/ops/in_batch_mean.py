@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .common import (
     LOGIT_PRECISION,
+    clamp_rows,
     feature_weights,
     layer_log_probs,
     layer_weight,
@@ -102,7 +103,7 @@ def _rank_kernel(
 def _prologue_kernel(
     user_ptr, items_ptr, codebooks_ptr, weights_ptr, order_ptr, sorted_positives_ptr,
     log_q_ptr, log_p_ptr, scores_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -112,12 +113,13 @@ def _prologue_kernel(
     user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
     codebooks_ptr: (L, K, d); weights_ptr: (L,) float32 or None (all ones); order_ptr, sorted_positives_ptr: (B,)
     int64 from ``_rank_kernel``. Writes log_q_ptr, log_p_ptr: (B, L K) float32 by position and
-    scores_ptr[0] (2, B) float32.
+    scores_ptr[0] (2, B) float32; a positive outside [0, N) is read clamped (``clamp_rows``) and
+    gets a NaN score.
     """
     positions = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = positions < batch
     rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
-    positive = tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0)
+    positive = clamp_rows(tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0), num_items)
     user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes
     score = tl.zeros((BLOCK_R,), tl.float32)
@@ -145,7 +147,9 @@ def _prologue_kernel(
             if SYMMETRIC:
                 divergence += tl.sum(tl.where(tile_mask, tl.exp(log_q), 0.0) * (log_q - log_p), axis=1)
         score -= layer_weight(weights_ptr, layer) * divergence
-    tl.store(scores_ptr + positions, score, mask=row_mask)
+    positive = tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0)  # read again: nothing kept
+    tl.store(scores_ptr + positions, tl.where((positive >= 0) & (positive < num_items), score, float("nan")),
+             mask=row_mask)
 
 
 @triton.jit
@@ -384,7 +388,7 @@ def _epilogue_kernel(
     user_ptr, items_ptr, codebooks_ptr, weights_ptr, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr,
     bounds_ptr, order_ptr, sorted_positives_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr,
     grad_user_ptr, item_row_grad_ptr, codebook_part_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -402,28 +406,30 @@ def _epilogue_kernel(
         part = codebook_part_ptr + (program * sides * num_layers + layer) * num_codes * dim
         _epilogue_blocks(user_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
                          others_ptr, group_grad_ptr, bounds_ptr, order_ptr, order_ptr, scores_ptr, grad_ptr,
-                         counts_ptr, total_ptr, grad_user_ptr, batch, num_layers, num_codes, dim,
+                         counts_ptr, total_ptr, grad_user_ptr, batch, batch, num_layers, num_codes, dim,
                          inv_user_temperature, True, USER_LOGITS, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K, BLOCK_DIM,
                          PRECISION)
     else:
         part = codebook_part_ptr + ((program * sides + sides - 1) * num_layers + layer) * num_codes * dim
         _epilogue_blocks(items_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
                          others_ptr, group_grad_ptr, bounds_ptr, order_ptr, sorted_positives_ptr, scores_ptr,
-                         grad_ptr, counts_ptr, total_ptr, item_row_grad_ptr, batch, num_layers, num_codes, dim,
-                         inv_temperature, False, False, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K, BLOCK_DIM, PRECISION)
+                         grad_ptr, counts_ptr, total_ptr, item_row_grad_ptr, batch, num_items, num_layers,
+                         num_codes, dim, inv_temperature, False, False, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K,
+                         BLOCK_DIM, PRECISION)
 
 
 @triton.jit
 def _epilogue_blocks(
     src_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr,
     bounds_ptr, order_ptr, src_rows_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr, grad_out_ptr,
-    batch, num_layers, num_codes, dim, inv_temperature,
+    batch, num_src_rows, num_layers, num_codes, dim, inv_temperature,
     IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One side: the blocks of positions program, + programs, ... through ``_epilogue_side``; the
-    side's rows of src_ptr are src_rows_ptr[position] (the permutation for the users, the sorted
-    positives for the items), its gradient rows those (users) or the positions (items)."""
+    side's rows of src_ptr (num_src_rows of them) are src_rows_ptr[position] (the permutation for
+    the users, the sorted positives for the items), its gradient rows those (users) or the
+    positions (items)."""
     weight = layer_weight(weights_ptr, layer)
     codebook = codebooks_ptr + layer * num_codes * dim
     for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
@@ -431,7 +437,7 @@ def _epilogue_blocks(
         row_mask = positions < batch
         row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
                                                       total_ptr, positions, row_mask, batch, REDUCTION)
-        src_rows = tl.load(src_rows_ptr + positions, mask=row_mask, other=0)
+        src_rows = clamp_rows(tl.load(src_rows_ptr + positions, mask=row_mask, other=0), num_src_rows)
         _epilogue_side(src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight,
                        layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr,
                        src_rows if IS_USER else positions, block == program, batch, num_layers, num_codes, dim,
@@ -465,7 +471,7 @@ def _prologue(user, items, codebooks, weights, order, sorted_positives, user_log
                            wide=torch.float32 in (items.dtype, codebooks.dtype))
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, weights, order, sorted_positives, log_q, log_p, scores,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     return log_q, log_p, scores
@@ -539,7 +545,7 @@ def in_batch_mean_backward(
     _epilogue_kernel[(programs, num_layers, 2)](
         user, items, codebooks, weights, log_q, log_p, others, group_grad, bounds, order, sorted_positives, scores,
         grad_output, counts, total, grad_user, item_row_grad, codebook_part,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **rows,
     )
     grad_items = sum_rows_by_sorted_index(item_row_grad, sorted_positives, None, items.shape[0], items.dtype)

@@ -65,6 +65,7 @@ import triton.language as tl
 from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
+    clamp_rows,
     layer_log_probs,
     layer_weight,
     load_rows,
@@ -103,7 +104,7 @@ def row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION: tl.con
 def _prologue_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr,
     a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, lse_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -113,11 +114,13 @@ def _prologue_kernel(
     codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; weights_ptr: (L,) float32 or None (all ones).
     Writes a_ptr, bm_ptr: (B, F) operands in their dtype; rb_ptr, cb_ptr: (B,) biases (rb = 0
     unless SYMMETRIC); diag_ptr: (B,) S[b, b] = A[b] . Bm[b] + rb[b] + cb[b] with the rounded
-    operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits.
+    operands; lse_ptr: (2, B, L) log-sum-exps of the users' (0) and the items' (1) logits. A
+    positive outside [0, N) is read clamped (``clamp_rows``) and gets a NaN cb (and S[b, b]), so
+    that every score of its item is NaN.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
-    item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+    item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
     user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes * (2 if SYMMETRIC else 1)
     row_bias = tl.zeros((BLOCK_R,), tl.float32)
@@ -159,6 +162,8 @@ def _prologue_kernel(
                 tl.store(bm_ptr + rows[:, None] * num_features + second, second_bm, mask=tile_mask)
                 diag += tl.sum(second_a.to(tl.float32) * second_bm.to(tl.float32), axis=1)
                 row_bias -= weight * tl.sum(q * log_q, axis=1)
+    positive = tl.load(positives_ptr + rows, mask=row_mask, other=0)  # read again: nothing kept across the loop
+    col_bias = tl.where((positive >= 0) & (positive < num_items), col_bias, float("nan"))
     tl.store(rb_ptr + rows, row_bias, mask=row_mask)
     tl.store(cb_ptr + rows, col_bias, mask=row_mask)
     tl.store(diag_ptr + rows, diag + row_bias + col_bias, mask=row_mask)
@@ -451,7 +456,7 @@ def _epilogue_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, weights_ptr, lse_ptr,
     a_ptr, bm_ptr, grad_a_ptr, grad_bm_ptr, sums_ptr, diag_parts_ptr,
     grad_user_ptr, item_row_grad_ptr, codebook_part_ptr,
-    batch, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -482,7 +487,7 @@ def _epilogue_kernel(
         else:
             lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
             bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
-            item_rows = tl.load(positives_ptr + rows, mask=row_mask, other=0)
+            item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
             if USER_LOGITS:
                 part = program
             else:
@@ -508,7 +513,7 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
                            wide=dtype == torch.float32)
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
         user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     return a, bm, rb, cb, diag, lse
@@ -590,7 +595,7 @@ def in_batch_pairs_backward(
     _epilogue_kernel[(programs, num_layers, 2)](
         user, items, codebooks, positives, weights, lse, a, bm, grad_a, grad_bm, sums, diag_parts,
         grad_user, item_row_grad, codebook_part,
-        batch, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **rows,
     )
     grad_items = sum_rows_by_index(item_row_grad, positives, items.shape[0], items.dtype)

@@ -54,9 +54,8 @@ from pathlib import Path
 import torch
 import triton
 
-# Chosen by the environment, not by the tensors' device, so that a CPU process can compile the
-# CUDA configuration (python -m bench.static) while the interpreter runs the CPU tests.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .._triton import INTERPRETER
+
 TUNE = os.environ.get("SODA_TUNE", "0") == "1"
 
 TABLE_PATH = Path(__file__).parent.parent / "launch_table.json"

@@ -54,6 +54,7 @@ import triton.language as tl
 
 from .common import (
     LOGIT_PRECISION,
+    clamp_rows,
     codebook_logits,
     layer_log_probs,
     layer_weight,
@@ -75,7 +76,8 @@ SUMMARY = 4
 @triton.jit
 def _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives):
     """The items of sample ``sample`` for rows (BLOCK_R,), int64: positives (B,) for sample 0,
-    column sample - 1 of negatives (B, S) otherwise; -1 for padding and masked rows."""
+    column sample - 1 of negatives (B, S) otherwise; -1 for padding and masked rows, any value for
+    an index the value checks did not see (the callers read ``clamp_rows``)."""
     positive = tl.load(positives_ptr + rows, mask=row_mask & (sample == 0), other=-1)
     negative = tl.load(negatives_ptr + rows * num_negatives + (sample - 1), mask=row_mask & (sample > 0), other=-1)
     return tl.where(sample == 0, positive, negative)
@@ -139,7 +141,7 @@ def _divergence(m, s, t_p, t_q, SYMMETRIC: tl.constexpr):
 def _forward_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, negatives_ptr, weights_ptr,
     summary_ptr, spare_ptr, user_lse_ptr, scores_ptr, part_ptr,
-    batch, num_negatives, split_size, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_negatives, split_size, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -181,8 +183,8 @@ def _forward_kernel(
             for t in range(0, 1 + count):
                 sample = tl.where(t == 0, 0, first + t - 1)
                 item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
-                valid = item >= 0
-                a = codebook_logits(item_layer, num_layers * dim, tl.maximum(item, 0), valid, codebook, codes,
+                valid = item >= 0  # past N: a summary of row N - 1, whose score the last pass makes NaN
+                a = codebook_logits(item_layer, num_layers * dim, clamp_rows(item, num_items), valid, codebook, codes,
                                     code_mask, dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
                 summary = tl.where(t == 0, positive_summary, summary_ptr + (rows * samples + sample) * num_layers * 4)
                 summary += layer * 4
@@ -194,18 +196,23 @@ def _forward_kernel(
     for layer in range(0, num_layers):
         m, s, t_p, t_q = _load_summary(positive_summary + layer * 4, row_mask)
         positive_score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
+    # An index outside [0, N) was not read (``clamp_rows``): its score is NaN.
+    positive = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, 0, num_negatives)
+    positive_score = tl.where((positive >= 0) & (positive < num_items), positive_score, float("nan"))
     tl.store(scores_ptr + rows * samples, positive_score, mask=row_mask & (split == 0))
     terms = tl.zeros((BLOCK_R,), tl.float32)
     terms_count = tl.zeros((BLOCK_R,), tl.float32)
     sigmoids = tl.zeros((BLOCK_R,), tl.float32)
     for sample in range(first, first + count):
-        valid = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives) >= 0
+        item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
+        valid = item != -1
+        inside = (item >= 0) & (item < num_items)
         score = tl.zeros((BLOCK_R,), tl.float32)
         for layer in range(0, num_layers):
             summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
             m, s, t_p, t_q = _load_summary(summary, valid)
             score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
-        score = tl.where(valid, score, 0.0)
+        score = tl.where(valid, tl.where(inside, score, float("nan")), 0.0)
         tl.store(scores_ptr + rows * samples + sample, score, mask=row_mask)
         terms += tl.where(valid, softplus(score - positive_score), 0.0)
         sigmoids += tl.where(valid, sigmoid(score - positive_score), 0.0)
@@ -250,7 +257,7 @@ def _backward_kernel(
     user_ptr, items_ptr, codebooks_ptr, positives_ptr, negatives_ptr, weights_ptr,
     summary_ptr, user_lse_ptr, scores_ptr, sigmoid_sums_ptr, grad_ptr, counts_ptr, total_ptr,
     grad_user_ptr, occurrence_grad_ptr, keys_ptr, codebook_part_ptr,
-    batch, num_negatives, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
+    batch, num_items, num_negatives, num_layers, num_codes, dim, inv_user_temperature, inv_temperature,
     USER_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -263,7 +270,8 @@ def _backward_kernel(
     dLoss/dloss; counts_ptr (B,) T_b, total_ptr () sum_b T_b, sigmoid_sums_ptr (B,) sigma_b. Writes
     grad_user_ptr: (B, L, d) (or (B, L, K) for USER_LOGITS, chunk 0) in the user's dtype;
     occurrence_grad_ptr: (B, 1 + S, L, d) float32 each valid occurrence's item-residual gradient;
-    keys_ptr: (B, 1 + S) int32 each occurrence's item, -1 for padding (layer 0, chunk 0);
+    keys_ptr: (B, 1 + S) int32 each occurrence's item, -1 for padding and an index outside [0, N)
+    (layer 0, chunk 0);
     codebook_part_ptr: (row blocks, L, K, d) float32 the program's codebook gradient partial.
     """
     block, layer, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -297,8 +305,8 @@ def _backward_kernel(
         column_sum = tl.zeros((BLOCK_K,), tl.float32)
         for sample in range(0, samples):
             item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
-            valid = item >= 0
-            item_rows = tl.maximum(item, 0)
+            item_rows = clamp_rows(item, num_items)
+            valid = tl.where(sample == 0, row_mask, item != -1)  # a term or the positive, in range or not
             score = tl.load(scores_ptr + rows * samples + sample, mask=valid, other=0.0)
             # e = -w dLoss/ds: -w g sigmoid(s - s_0) for a negative, w g sigma for the positive
             grad_kl = tl.where(sample == 0, weight * row_grad * sigmoid_sum,
@@ -327,7 +335,7 @@ def _backward_kernel(
             grad_x, grad_c, sample_sum = project_logit_grad_into(grad_a, x, c, grad_x, grad_c, PRECISION)
             column_sum += sample_sum
             tl.store(out, grad_x, mask=out_mask)
-            tl.store(keys_ptr + rows * samples + sample, item.to(tl.int32),
+            tl.store(keys_ptr + rows * samples + sample, tl.where(item_rows == item, item, -1).to(tl.int32),
                      mask=row_mask & (layer == 0) & (chunk == 0) & (k_start == 0))
         c = load_rows(codebook + d_start, dim, codes, code_mask, dim - d_start, BLOCK_G)
         if USER_LOGITS:
@@ -379,7 +387,8 @@ def sampled_bpr_op(
     part = user.new_empty((3, splits, batch), dtype=torch.float32)
     _forward_kernel[(row_blocks, splits)](
         user, items, codebooks, positives, negatives, weights, summary, spare, user_lse, scores, part,
-        batch, num_negatives, split_size, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_negatives, split_size, num_layers, num_codes, dim, 1.0 / user_temperature,
+        1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     loss = user.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
@@ -420,7 +429,7 @@ def sampled_bpr_backward(
     _backward_kernel[(row_blocks, num_layers, triton.cdiv(dim, config["BLOCK_G"]))](
         user, items, codebooks, positives, negatives, weights, summary, user_lse, scores, sigmoid_sums,
         grad_output.float().contiguous(), counts, total, grad_user, occurrence_grad, keys, codebook_part,
-        batch, num_negatives, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        batch, items.shape[0], num_negatives, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **config,
     )
     sorted_keys, order = torch.sort(keys.flatten(), stable=True)
