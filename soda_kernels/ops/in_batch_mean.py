@@ -37,7 +37,7 @@ backward follows (it removes them), the identities of docs/maths.md section 5 gi
 w g / c_b, a multiple of Q_m: dropped). ``_prologue_kernel`` runs again over sorted positions;
 ``_mean_grads_kernel`` forms others again, then G, and the other groups' sums of G by the same
 prefix and suffix sums; ``_epilogue_kernel`` takes each side through the log-softmax backward
-(dz = dlog - r sum_k dlog) onto its residuals and the codebook (``project_logit_grad_into``), or
+(dz = dlog - r sum_k dlog) onto its residuals and the codebook (``project_into_partial``), or
 is the user gradient itself for ``user_logits=True``. The item rows come out in sorted order, so
 ``sum_rows_by_sorted_index`` sums repeated positives; ``sum_partials`` adds the codebook partials.
 """
