@@ -81,7 +81,10 @@ from .common import (
 )
 from .launch import launch_config, plan_grid, tune_if_asked
 
-REDUCTION_PAIRS = {"items": 1, "users": 1, "both": 2}  # terms per valid pair
+# Loss terms a valid (b, m) pair contributes in each in_batch mode (its item side, its user side or
+# both): the count T_b that the mean divides by is this times the row's valid pairs; it is
+# ``_finish_kernel``'s ``pair_terms``.
+TERMS_PER_PAIR = {"items": 1, "users": 1, "both": 2}
 
 
 @triton.jit
@@ -551,7 +554,7 @@ def in_batch_pairs_op(
     counts, total = torch.empty_like(rb), rb.new_empty(())
     _finish_kernel[(1,)](
         item_part, user_part, count_part, loss, counts, total, batch, splits, row_programs,
-        REDUCTION_PAIRS[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
+        TERMS_PER_PAIR[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
     )
     return loss, counts, total
 
