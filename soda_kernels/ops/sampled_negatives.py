@@ -71,7 +71,7 @@ from .common import (
 from .in_batch_pairs import row_scale
 from .launch import launch_config, plan_grid, tune_if_asked
 
-SUMMARY = 4
+SUMMARY = 4  # floats in a divergence summary (m, s, t_p, t_q); the kernels still write the literal 4
 
 
 @triton.jit
@@ -407,8 +407,15 @@ def _(user, items, codebooks, positives, negatives, weights, user_logits, symmet
     def floats(*shape):
         return user.new_empty(shape, dtype=torch.float32)
 
-    return (floats(*(positives.shape if reduction == "none" else ())), floats(batch, 1 + num_negatives, num_layers, 4),
-            floats(batch, 1 + num_negatives), floats(batch, num_layers), floats(batch), floats(), floats(batch))
+    return (
+        floats(*(positives.shape if reduction == "none" else ())),
+        floats(batch, 1 + num_negatives, num_layers, SUMMARY),
+        floats(batch, 1 + num_negatives),
+        floats(batch, num_layers),
+        floats(batch),
+        floats(),
+        floats(batch),
+    )
 
 
 @torch.library.custom_op("soda_kernels::sampled_bpr_backward", mutates_args=())
