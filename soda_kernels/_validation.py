@@ -56,7 +56,7 @@ def check_values(validate) -> bool:
 
 def check_index_tensor(name: str, value, ndim: int, dims: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be an int64 torch.Tensor of shape ({dims}), got {type_name(value)}")
+        raise TypeError(f"{name} must be an int64 or int32 torch.Tensor of shape ({dims}), got {type_name(value)}")
     if value.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {value.dtype}")
     if value.dim() != ndim:
@@ -313,7 +313,7 @@ def check_exclusion(exclude, batch: int, num_items: int, device: torch.device) -
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         return empty, empty
     if not isinstance(exclude, (tuple, list)) or len(exclude) != 2:
-        raise TypeError("exclude must be a pair (offsets (B+1,), items (E,)) of int64 tensors, or None")
+        raise TypeError("exclude must be a pair (offsets (B+1,), items (E,)) of int64 or int32 tensors, or None")
     offsets = check_index_tensor("exclude offsets", exclude[0], 1, "B+1")
     items = check_index_tensor("exclude items", exclude[1], 1, "E")
     if offsets.device != device or items.device != device:

@@ -115,6 +115,31 @@ def test_index_bounds_match_aminmax(dtype, sizes):
     assert bounds == expected
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("in_batch, samples", [("both", None), ("mean", None), ("items", 3)])
+def test_int32_indices_give_the_int64_results(backend, in_batch, samples):
+    """The messages say "int64 or int32": int32 positives and negatives reach every op (pairwise and
+    mean in-batch, sampled) and give the int64 loss and gradients exactly."""
+    g = torch.Generator().manual_seed(5)
+    negatives = None if samples is None else torch.randint(-1, 6, (4, samples), generator=g)
+    results = []
+    for dtype in (torch.int64, torch.int32):
+        inputs = _inputs(
+            positives=torch.tensor([0, 3, 3, 5], dtype=dtype),
+            negatives=None if negatives is None else negatives.to(dtype),
+        )
+        floats = [inputs[name].requires_grad_() for name in ("user", "items", "codebooks")]
+        loss = sk.distributional_bpr(**inputs, in_batch=in_batch, backend=backend)
+        results.append([loss.detach(), *torch.autograd.grad(loss, floats)])
+    for int64_result, int32_result in zip(*results, strict=True):
+        assert torch.equal(int64_result, int32_result)
+
+
+def test_index_message_names_both_dtypes():
+    with pytest.raises(TypeError, match="positives must be an int64 or int32 torch.Tensor"):
+        sk.distributional_bpr(**_inputs(positives=[0, 1, 2, 3]))
+
+
 def test_bad_negative_in_the_last_block_is_found():
     """An out-of-range negative at the very end of a table that spans several blocks and programs."""
     negatives = torch.randint(-1, 6, (4, 97), generator=torch.Generator().manual_seed(3))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 import soda_kernels as sk
@@ -20,7 +22,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 class BPRInputs(dict):
     """The keyword arguments of distributional_bpr, and the seed they were drawn from (``seed``),
-    which a failing comparison prints so that the case can be replayed."""
+    which a failing comparison prints so that the case can be replayed: ``make_bpr_inputs`` with
+    ``generator=torch.Generator().manual_seed(seed)`` draws the same inputs, and
+    ``compare_with_reference`` the same upstream gradient."""
 
     seed: int
 
@@ -52,6 +56,13 @@ def make_bpr_inputs(batch, num_items, layers, codes, dim, *, samples=None, dtype
     return inputs
 
 
+def upstream_gradient(shape, seed: int) -> torch.Tensor:
+    """The random upstream gradient of a comparison, float64 in [0.5, 1.5), drawn from a generator
+    seeded from the inputs' seed (a stream apart from the inputs' own), not from the global one."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"upstream {seed}".encode()))
+    return torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5
+
+
 def _float_inputs(inputs):
     return {k: inputs[k] for k in ("user", "items", "codebooks")}
 
@@ -59,9 +70,11 @@ def _float_inputs(inputs):
 def compare_with_reference(inputs, backend, tolerance=None, **options):
     """Loss and the gradients of every floating input against the float64 reference.
 
-    The upstream gradient is random (not 1), so a wrong reduction scale cannot hide.
+    The upstream gradient is random (not 1), so a wrong reduction scale cannot hide, and drawn
+    from ``inputs.seed`` (``inputs`` from ``make_bpr_inputs``), which a failure prints.
     Returns the relative errors by name.
     """
+    seed = inputs.seed
     floats = _float_inputs(inputs)
     for t in floats.values():
         t.grad = None
@@ -72,7 +85,7 @@ def compare_with_reference(inputs, backend, tolerance=None, **options):
     if inputs["negatives"] is not None:
         ref_inputs["negatives"] = inputs["negatives"].cpu()
     ref_loss = reference.distributional_bpr(**ref_inputs, **options)
-    upstream = torch.rand(ref_loss.shape, dtype=torch.float64) + 0.5
+    upstream = upstream_gradient(ref_loss.shape, seed)
     (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
     (ref_loss * upstream).sum().backward()
     assert loss.dtype == (torch.float64 if inputs["user"].dtype == torch.float64 else torch.float32)
@@ -82,7 +95,6 @@ def compare_with_reference(inputs, backend, tolerance=None, **options):
         ref_grad = ref_floats[name].grad  # None where the reference has no term touching it
         errors[name] = rel_err(tensor.grad, torch.zeros_like(ref_floats[name]) if ref_grad is None else ref_grad)
     tol = tolerance if tolerance is not None else TOLERANCE[inputs["user"].dtype]
-    seed = getattr(inputs, "seed", None)
     assert all(e <= tol for e in errors.values()), f"relative errors {errors} over {tol} for {options} (seed {seed})"
     return errors
 

@@ -25,8 +25,9 @@ float32 accumulation). Float32 operands use ``LOGIT_PRECISION`` ("tf32x3": three
 tensor-core products, about float32's accuracy) where a product feeds a logit or a gradient
 projection, since the 2/tau factor and the cancellation in x - C_k amplify its error, and
 ``SCORE_PRECISION`` ("bf16x3", the bf16 tensor-core rate) for the score-sized products of the
-in-batch op (its operands are log-probabilities and probabilities: measured relative error of
-the scores 2e-6 at the benchmark's headline shape, of the loss 1e-7; ``bench/precision.py``).
+in-batch op (its operands are log-probabilities and probabilities: relative error against
+float64 of the scores 2.0e-6, of the loss 2.0e-7, measured by
+``python -m bench.precision --batch 4096``, the table in docs/precision.md).
 ``SODA_FP32_DOT_PRECISION`` = ieee / tf32x3 / bf16x3 / tf32, set before import, forces one
 precision for every float32 product. The interpreter computes every float32 dot in float32.
 """
@@ -62,8 +63,9 @@ NATIVE_16BIT_DOT = tl.constexpr(not INTERPRETER)
 
 def operand_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """Storage of the in-batch score operands (log-probabilities, probabilities): bfloat16 for
-    16-bit inputs (the loss within about 3e-5 of float64 at the headline shape, bf16's range so
-    that no extreme logit overflows), float32 for float32 inputs (multiplied as bf16x3)."""
+    16-bit inputs (the loss within 6.6e-5 of float64, relative, by
+    ``python -m bench.precision --batch 4096``, docs/precision.md; bf16's range so that no extreme
+    logit overflows), float32 for float32 inputs (multiplied as bf16x3)."""
     return torch.float32 if input_dtype == torch.float32 else torch.bfloat16
 
 

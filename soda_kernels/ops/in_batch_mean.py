@@ -37,7 +37,7 @@ backward follows (it removes them), the identities of docs/maths.md section 5 gi
 w g / c_b, a multiple of Q_m: dropped). ``_prologue_kernel`` runs again over sorted positions;
 ``_mean_grads_kernel`` forms others again, then G, and the other groups' sums of G by the same
 prefix and suffix sums; ``_epilogue_kernel`` takes each side through the log-softmax backward
-(dz = dlog - r sum_k dlog) onto its residuals and the codebook (``project_logit_grad_into``), or
+(dz = dlog - r sum_k dlog) onto its residuals and the codebook (``project_into_partial``), or
 is the user gradient itself for ``user_logits=True``. The item rows come out in sorted order, so
 ``sum_rows_by_sorted_index`` sums repeated positives; ``sum_partials`` adds the codebook partials.
 """
@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     clamp_rows,
@@ -552,11 +553,6 @@ def in_batch_mean_backward(
     return grad_user, grad_items, sum_partials(codebook_part.flatten(0, 1), codebooks.dtype)
 
 
-@in_batch_mean_backward.register_fake
-def _(grad_output, user, items, codebooks, *saved_and_options):
-    return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
-
-
 def _forward_backward(user, items, codebooks, positives, weights, *options):
     """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
     _, *saved = in_batch_mean_op(user, items, codebooks, positives, weights, *options)
@@ -564,19 +560,8 @@ def _forward_backward(user, items, codebooks, positives, weights, *options):
     return in_batch_mean_backward(grad_output, user, items, codebooks, positives, weights, *saved, *options)
 
 
-def _setup_context(ctx, inputs, output):
-    user, items, codebooks, positives, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, positives, weights, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
-
-
-def _backward(ctx, grad_output, *_grad_saved):
-    grads = in_batch_mean_backward(grad_output, *ctx.saved_tensors, *ctx.options)
-    return *grads, None, None, None, None, None, None, None
-
-
-in_batch_mean_op.register_autograd(_backward, setup_context=_setup_context)
+# Saved: user, items, codebooks, positives, weights; gradients for the first three.
+register_backward(in_batch_mean_op, in_batch_mean_backward, saved_inputs=5, grads=3)
 
 
 def in_batch_mean(user, items, codebooks, positives, *, user_logits, symmetric, temperature, user_temperature,

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
@@ -81,7 +82,10 @@ from .common import (
 )
 from .launch import launch_config, plan_grid, tune_if_asked
 
-REDUCTION_PAIRS = {"items": 1, "users": 1, "both": 2}  # terms per valid pair
+# Loss terms a valid (b, m) pair contributes in each in_batch mode (its item side, its user side or
+# both): the count T_b that the mean divides by is this times the row's valid pairs; it is
+# ``_finish_kernel``'s ``pair_terms``.
+TERMS_PER_PAIR = {"items": 1, "users": 1, "both": 2}
 
 
 @triton.jit
@@ -551,7 +555,7 @@ def in_batch_pairs_op(
     counts, total = torch.empty_like(rb), rb.new_empty(())
     _finish_kernel[(1,)](
         item_part, user_part, count_part, loss, counts, total, batch, splits, row_programs,
-        REDUCTION_PAIRS[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
+        TERMS_PER_PAIR[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
     )
     return loss, counts, total
 
@@ -603,11 +607,6 @@ def in_batch_pairs_backward(
     return grad_user, grad_items, grad_codebooks
 
 
-@in_batch_pairs_backward.register_fake
-def _(grad_output, user, items, codebooks, positives, weights, counts, total, *options):
-    return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
-
-
 def _forward_backward(user, items, codebooks, positives, weights, *options):
     """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
     _, counts, total = in_batch_pairs_op(user, items, codebooks, positives, weights, *options)
@@ -615,19 +614,8 @@ def _forward_backward(user, items, codebooks, positives, weights, *options):
     return in_batch_pairs_backward(grad_output, user, items, codebooks, positives, weights, counts, total, *options)
 
 
-def _setup_context(ctx, inputs, output):
-    user, items, codebooks, positives, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, positives, weights, output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # no zero tensors for the counts' (absent) gradients
-
-
-def _backward(ctx, grad_output, _grad_counts, _grad_total):
-    grads = in_batch_pairs_backward(grad_output, *ctx.saved_tensors, *ctx.options)
-    return *grads, None, None, None, None, None, None, None, None
-
-
-in_batch_pairs_op.register_autograd(_backward, setup_context=_setup_context)
+# Saved: user, items, codebooks, positives, weights (and the counts); gradients for the first three.
+register_backward(in_batch_pairs_op, in_batch_pairs_backward, saved_inputs=5, grads=3)
 
 
 def in_batch_pairs(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import register_backward
 from .common import SCORE_PRECISION, layer_weight, load_logits, log_sum_exp_update
 from .launch import launch_config
 
@@ -104,20 +105,7 @@ def pairwise_kl_backward(
     return grad_p.to(p_logits.dtype), grad_q.to(q_logits.dtype)
 
 
-@pairwise_kl_backward.register_fake
-def _(grad_out, p_logits, q_logits, weights):
-    return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_out):
-    return *pairwise_kl_backward(grad_out, *ctx.saved_tensors), None
-
-
-pairwise_kl_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(pairwise_kl_op, pairwise_kl_backward, saved_inputs=3, grads=2)  # p, q, weights
 
 
 def pairwise_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     clamp_rows,
@@ -70,7 +71,7 @@ from .common import (
 from .in_batch_pairs import row_scale
 from .launch import launch_config, plan_grid, tune_if_asked
 
-SUMMARY = 4
+SUMMARY = 4  # floats in a divergence summary (m, s, t_p, t_q); the kernels still write the literal 4
 
 
 @triton.jit
@@ -406,8 +407,15 @@ def _(user, items, codebooks, positives, negatives, weights, user_logits, symmet
     def floats(*shape):
         return user.new_empty(shape, dtype=torch.float32)
 
-    return (floats(*(positives.shape if reduction == "none" else ())), floats(batch, 1 + num_negatives, num_layers, 4),
-            floats(batch, 1 + num_negatives), floats(batch, num_layers), floats(batch), floats(), floats(batch))
+    return (
+        floats(*(positives.shape if reduction == "none" else ())),
+        floats(batch, 1 + num_negatives, num_layers, SUMMARY),
+        floats(batch, 1 + num_negatives),
+        floats(batch, num_layers),
+        floats(batch),
+        floats(),
+        floats(batch),
+    )
 
 
 @torch.library.custom_op("soda_kernels::sampled_bpr_backward", mutates_args=())
@@ -438,11 +446,6 @@ def sampled_bpr_backward(
     return grad_user, grad_items, sum_partials(codebook_part, codebooks.dtype)
 
 
-@sampled_bpr_backward.register_fake
-def _(grad_output, user, items, codebooks, positives, negatives, weights, *saved_and_options):
-    return user.new_empty(user.shape), items.new_empty(items.shape), codebooks.new_empty(codebooks.shape)
-
-
 def _forward_backward(user, items, codebooks, positives, negatives, weights, *options):
     """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
     _, *saved = sampled_bpr_op(user, items, codebooks, positives, negatives, weights, *options)
@@ -450,19 +453,8 @@ def _forward_backward(user, items, codebooks, positives, negatives, weights, *op
     return sampled_bpr_backward(grad_output, user, items, codebooks, positives, negatives, weights, *saved, *options)
 
 
-def _setup_context(ctx, inputs, output):
-    user, items, codebooks, positives, negatives, weights, *ctx.options = inputs
-    ctx.save_for_backward(user, items, codebooks, positives, negatives, weights, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)  # no zero gradients allocated for the saved outputs
-
-
-def _backward(ctx, grad_output, *_grad_saved):
-    grads = sampled_bpr_backward(grad_output, *ctx.saved_tensors, *ctx.options)
-    return *grads, None, None, None, None, None, None, None, None
-
-
-sampled_bpr_op.register_autograd(_backward, setup_context=_setup_context)
+# Saved: user, items, codebooks, positives, negatives, weights; gradients for the first three.
+register_backward(sampled_bpr_op, sampled_bpr_backward, saved_inputs=6, grads=3)
 
 
 def sampled_bpr(user, items, codebooks, positives, negatives, *, user_logits, symmetric, temperature,

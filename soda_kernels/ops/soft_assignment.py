@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     codebook_logits,
@@ -135,21 +136,8 @@ def codebook_log_softmax_backward(
     return grad_x, sum_partials(codebook_part, codebooks.dtype)
 
 
-@codebook_log_softmax_backward.register_fake
-def _(grad_log_probs, x, codebooks, log_probs, temperature):
-    return x.new_empty(x.shape), codebooks.new_empty(codebooks.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, codebooks, ctx.temperature = inputs
-    ctx.save_for_backward(x, codebooks, output)
-
-
-def _backward(ctx, grad_log_probs):
-    return *codebook_log_softmax_backward(grad_log_probs, *ctx.saved_tensors, ctx.temperature), None
-
-
-codebook_log_softmax_op.register_autograd(_backward, setup_context=_setup_context)
+# Saved: x, codebooks and the log-probabilities; the temperature gets no gradient.
+register_backward(codebook_log_softmax_op, codebook_log_softmax_backward, saved_inputs=2, grads=2, save_result=True)
 
 
 def log_soft_assignment(x: torch.Tensor, codebooks: torch.Tensor, temperature: float) -> torch.Tensor:
