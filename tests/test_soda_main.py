@@ -125,12 +125,10 @@ BLOCKED_RUN = textwrap.dedent(
     """
     import runpy, sys
 
-    class Blocker:  # a core install: none of the optional packages can be imported
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in {blocked!r}:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-
-    sys.meta_path.insert(0, Blocker())
+    # A core install: none of the optional packages can be imported. A None in sys.modules makes
+    # `import` raise ModuleNotFoundError and importlib.util.find_spec return None, as for a package
+    # that is not installed (torch._dynamo probes optional packages with find_spec at import).
+    sys.modules.update(dict.fromkeys({blocked!r}))
     sys.argv = ["python -m soda", *sys.argv[1:]]
     runpy.run_module("soda", run_name="__main__")
     """
