@@ -45,6 +45,8 @@ from soda.metrics import METRICS
 from soda.recipes import BACKBONES, RunConfig, train_baselines, train_generative
 
 BASELINES = ("mostpop", "sasrec")
+# A SODA run's two other rankings (soda/retrieval.py), each a record's key laid out as its beam search
+ALTERNATIVES = ("retrieval", "fusion")
 # The committed records and tables (a clone's results/), and the converged experiment's stem
 REPOSITORY_RESULTS = Path(__file__).resolve().parents[1] / "results"
 CONVERGED_DATASET, CONVERGED_PRESET = "ml-100k", "cpu-converged"
@@ -148,11 +150,13 @@ def run_all(
                 "run": name,
                 "seed": seed,
                 **{key: result[key] for key in ("minutes", "valid", "test", "best_epoch", "epochs") if key in result},
-                **{key: result[key] for key in ("retrieval", "fusion") if key in result},  # SODA runs
                 # the tokenizer's code statistics, before and (joint runs) after training
                 **{key: result[key] for key in ("tokenizer", "tokenizer_final") if key in result},
                 "config": asdict(run_config),
-                "ranks": result["ranks"],  # last: the long lists
+                # last, the long lists: SODA runs' retrieval and fusion (metrics, weight, ranks) and
+                # each user's rank under the beam search
+                **{key: result[key] for key in ALTERNATIVES if key in result},
+                "ranks": result["ranks"],
             }
             write_atomic(record_path(records_dir, name, seed), json.dumps(record, indent=2) + "\n")
         write_summary(summarize(runs, records_dir, seeds), results_dir / table, title)
@@ -183,8 +187,10 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 def summarize(runs: list[Run], records_dir: Path, seeds: int) -> dict:
     """Mean and sample std over the recorded seeds of each row's test metrics, validation
-    Recall@10, epochs and minutes; and each SODA row against its backbone's base row, then against
-    each row of its ``against`` (``compare``; a list, in that order)."""
+    Recall@10, epochs and minutes; each SODA row against its backbone's base row, then against
+    each row of its ``against`` (``compare``; a list, in that order); and the retrieval and fusion
+    of every row whose records hold them against the same row's beam search ("retrieval_and_fusion",
+    ``alternatives``)."""
     rows, records = {}, {}
     for name in row_names(runs):
         records[name] = read_records(records_dir, name, seeds)
@@ -206,7 +212,25 @@ def summarize(runs: list[Run], records_dir: Path, seeds: int) -> dict:
         base = records.get(base_name) or read_records(records_dir, base_name, seeds)  # ablate: TIGER's
         if base and records[name]:
             comparisons.append({"run": name, **compare(base_name, base, records[name])})
-    return {"seeds": seeds, "rows": rows, "comparisons": comparisons}
+    return {"seeds": seeds, "rows": rows, "comparisons": comparisons, "retrieval_and_fusion": alternatives(records)}
+
+
+def alternatives(records: dict[str, dict[int, dict]]) -> list[dict]:
+    """For each row (its records by seed) and each of ``ALTERNATIVES`` that some of its records
+    hold: that ranking against the row's beam search over the seeds that have it (``compare``; run
+    "<row> retrieval" or "<row> fusion", base "<row> beam search"), fusion with the weight that
+    validation chose in each of those seeds ("weight_per_seed")."""
+    found = []
+    for name, by_seed in records.items():
+        for method in ALTERNATIVES:
+            variant = {seed: record[method] for seed, record in by_seed.items() if method in record}
+            if not variant:
+                continue
+            comparison = {"run": f"{name} {method}", **compare(f"{name} beam search", by_seed, variant)}
+            if method == "fusion":
+                comparison["weight_per_seed"] = [variant[seed]["weight"] for seed in comparison["seeds"]]
+            found.append(comparison)
+    return found
 
 
 def hits(record: dict, k: int = BOOTSTRAP_K) -> torch.Tensor:
@@ -372,10 +396,26 @@ def interval(bootstrap: dict) -> list[str]:
     return [f"{percent(bootstrap['low'])} to {percent(bootstrap['high'])}", f"{bootstrap['p_not_better']:.3f}"]
 
 
+COMPARISON_HEADER = (
+    "| run | base | seeds | base R@10 | run R@10 | change of the means | change per seed "
+    "| 95% interval, users | p, users | 95% interval, seeds and users | p, seeds and users"
+)
+
+
+def comparison_cells(comparison: dict) -> list[str]:
+    """A comparison's (``compare``) table cells under ``COMPARISON_HEADER``."""
+    cells = [comparison["run"], comparison["base"], str(len(comparison["seeds"]))]
+    cells += [f"{comparison['base_recall@10']:.4f}", f"{comparison['variant_recall@10']:.4f}"]
+    cells += [percent(comparison["change"]), ", ".join(map(percent, comparison["change_per_seed"]))]
+    for key in ("users_bootstrap", "hierarchical_bootstrap"):
+        cells += interval(comparison[key]) if key in comparison else ["–", "–"]
+    return cells
+
+
 def write_summary(summary: dict, path: Path, title: str) -> None:
     """``path``.json and ``path``.md: one row per model (mean ± std over seeds), then each comparison
-    (a row against a base row) with both bootstrap intervals, then the sample sizes that would tell
-    each change from zero."""
+    (a row against a base row) with both bootstrap intervals, then each SODA row's retrieval and
+    fusion against its beam search, then the sample sizes that would tell each change from zero."""
     lines = [
         f"# {title}: test metrics, mean ± std over seeds\n",
         "| model | seeds | " + " | ".join(METRICS) + " | valid recall@10 | epochs (best) | minutes |",
@@ -398,17 +438,25 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
             " seeds drawn with replacement, then within each drawn seed the test users, the same for"
             " both runs of that seed), which counts the training's randomness too. With few seeds the"
             " latter errs narrow (it draws only from the seeds seen, with normal quantiles).\n",
-            "| run | base | seeds | base R@10 | run R@10 | change of the means | change per seed "
-            "| 95% interval, users | p, users | 95% interval, seeds and users | p, seeds and users |",
+            COMPARISON_HEADER + " |",
             "|---" * 11 + "|",
         ]
         for comparison in comparisons:
-            cells = [comparison["run"], comparison["base"], str(len(comparison["seeds"]))]
-            cells += [f"{comparison['base_recall@10']:.4f}", f"{comparison['variant_recall@10']:.4f}"]
-            cells += [percent(comparison["change"]), ", ".join(map(percent, comparison["change_per_seed"]))]
-            for key in ("users_bootstrap", "hierarchical_bootstrap"):
-                cells += interval(comparison[key]) if key in comparison else ["–", "–"]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(comparison_cells(comparison)) + " |")
+    if summary["retrieval_and_fusion"]:
+        lines += [
+            "\n## Retrieval and fusion against the beam search: test Recall@10 over the seeds that have them\n",
+            "A SODA run ranks the test users' targets twice more (soda/retrieval.py): retrieval, the"
+            " top 10 of the whole catalogue by SODA's score from the run's user head; fusion, the beam"
+            " search's candidates re-ranked by log p + w·score, w chosen per seed on validation"
+            " Recall@10. Each against the same run's beam search, same seeds and users, with the same"
+            " two paired bootstraps (over the test users only; over seeds, then test users).\n",
+            COMPARISON_HEADER + " | fusion weight per seed |",
+            "|---" * 12 + "|",
+        ]
+        for comparison in summary["retrieval_and_fusion"]:
+            weights = ", ".join(f"{weight:g}" for weight in comparison.get("weight_per_seed", ())) or "–"
+            lines.append("| " + " | ".join([*comparison_cells(comparison), weights]) + " |")
     sized = [comparison for comparison in comparisons if "sample_sizes" in comparison]
     if sized:
         lines += [

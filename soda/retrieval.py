@@ -31,6 +31,7 @@ from soda.metrics import KS, ranking_metrics, target_ranks
 
 FUSION_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 SELECTION = "recall@10"  # as soda.train selects checkpoints
+PARTS = ("valid", "test")
 
 
 def soda_term(model: JointModel) -> SODAAlignment:
@@ -124,22 +125,29 @@ def fused_ranks(candidates, targets: torch.Tensor, weight: float) -> torch.Tenso
 
 
 def evaluate_retrieval_and_fusion(model: JointModel, split: Split, batch_size: int, device: torch.device) -> dict:
-    """{"retrieval": {"valid": metrics, "test": metrics}, "fusion": {"valid": metrics, "test":
-    metrics, "weight": the chosen w, "valid_by_weight": {w: validation Recall@10}}}."""
-    retrieval = {
-        part: ranking_metrics(retrieval_ranks(model, getattr(split, part), batch_size, device))
-        for part in ("valid", "test")
+    """{"retrieval": {"valid": metrics, "test": metrics, "ranks": ranks}, "fusion": {"valid":
+    metrics, "test": metrics, "ranks": ranks, "weight": the chosen w, "valid_by_weight": {w:
+    validation Recall@10}}}; ranks as ``soda.train.evaluate`` gives the beam search's: {"valid",
+    "test": each user's 0-based rank of its target, -1 outside the top 10}."""
+    retrieved = {part: retrieval_ranks(model, getattr(split, part), batch_size, device) for part in PARTS}
+    candidates = {part: beam_candidates(model, getattr(split, part), batch_size, device) for part in PARTS}
+    valid_by_weight = {
+        weight: fused_ranks(candidates["valid"], split.valid.targets, weight) for weight in FUSION_WEIGHTS
     }
-    candidates = {part: beam_candidates(model, getattr(split, part), batch_size, device) for part in ("valid", "test")}
-    by_weight = {
-        weight: ranking_metrics(fused_ranks(candidates["valid"], split.valid.targets, weight))
-        for weight in FUSION_WEIGHTS
-    }
+    by_weight = {weight: ranking_metrics(ranks) for weight, ranks in valid_by_weight.items()}
     best = max(FUSION_WEIGHTS, key=lambda weight: (by_weight[weight][SELECTION], -weight))
+    fused = {"valid": valid_by_weight[best], "test": fused_ranks(candidates["test"], split.test.targets, best)}
     fusion = {
-        "valid": by_weight[best],
-        "test": ranking_metrics(fused_ranks(candidates["test"], split.test.targets, best)),
+        **metrics_and_ranks(fused),
         "weight": best,
         "valid_by_weight": {str(weight): metrics[SELECTION] for weight, metrics in by_weight.items()},
     }
-    return {"retrieval": retrieval, "fusion": fusion}
+    return {"retrieval": metrics_and_ranks(retrieved), "fusion": fusion}
+
+
+def metrics_and_ranks(ranks: dict[str, torch.Tensor]) -> dict:
+    """Each part's metrics and its ranks as lists, the layout of a record's beam search."""
+    return {
+        **{part: ranking_metrics(part_ranks) for part, part_ranks in ranks.items()},
+        "ranks": {part: part_ranks.tolist() for part, part_ranks in ranks.items()},
+    }

@@ -39,7 +39,11 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
         calls.append((backbone, config.soda is not None, seed))
         assert resume and out_dir.parent == tmp_path / "runs" / "toy" / "cpu"
         assert sasrec_dir == out_dir.parent / f"baselines-seed{seed}" / "sasrec"  # the baselines' SASRec
-        return {**fake_metrics(rng), "tokenizer_final": {"codes_changed": rng.random()}}
+        result = {**fake_metrics(rng), "tokenizer_final": {"codes_changed": rng.random()}}
+        if config.soda is not None:  # SODA runs: retrieval and fusion, laid out as the beam search
+            result["retrieval"] = fake_metrics(rng)
+            result["fusion"] = {**fake_metrics(rng), "weight": 0.1}
+        return result
 
     def train_baselines(dataset, config, out_dir, device, seed, resume, data_dir):
         calls.append(("baselines", False, seed))
@@ -67,6 +71,11 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
         assert row["ndcg@10"]["std"] == statistics.stdev(values)
     record = json.loads((records / "tiger+soda-seed0.json").read_text())
     assert "codes_changed" in record["tokenizer_final"] and len(record["ranks"]["test"]) == USERS
+    assert len(record["retrieval"]["ranks"]["test"]) == len(record["fusion"]["ranks"]["test"]) == USERS
+    assert record["fusion"]["weight"] == 0.1 and "retrieval" not in json.loads(
+        (records / "tiger-seed0.json").read_text()
+    )
+    assert [c["run"] for c in summary["retrieval_and_fusion"][:2]] == ["tiger+soda retrieval", "tiger+soda fusion"]
     assert (record["best_epoch"], record["epochs"]) == (3, 8)
     rows = summary["rows"]["tiger+soda"]  # each record's minutes are its run's own (from fit), not this process's
     assert rows["minutes"]["mean"] == statistics.fmean(
@@ -235,12 +244,17 @@ def test_sample_sizes_on_a_hand_computed_case():
         sample_sizes(base[:1], variant[:1])
 
 
-def write_record(records_dir, name: str, seed: int, hit_rate: float) -> None:
-    """A finished run's record with seeded hits of 300 test users at ``hit_rate``."""
-    rng = random.Random(f"{name}-{seed}")
+def ranking(rng: random.Random, hit_rate: float) -> dict:
+    """A record's ranking (the beam search's, or a retrieval's or fusion's): seeded hits of 300 test
+    users at ``hit_rate``, their ranks, and metrics with Recall@10 agreeing with the ranks."""
     ranks = [rng.randrange(10) if rng.random() < hit_rate else -1 for _ in range(300)]
     test = {metric: rng.random() for metric in METRICS} | {"recall@10": sum(rank >= 0 for rank in ranks) / 300}
-    record = {"run": name, "seed": seed, "minutes": 1.0, "valid": test, "test": test, "ranks": {"test": ranks}}
+    return {"valid": test, "test": test, "ranks": {"test": ranks}}
+
+
+def write_record(records_dir, name: str, seed: int, hit_rate: float, **extra) -> None:
+    """A finished run's record with seeded hits of 300 test users at ``hit_rate``, and ``extra`` keys."""
+    record = {"run": name, "seed": seed, "minutes": 1.0, **ranking(random.Random(f"{name}-{seed}"), hit_rate), **extra}
     experiment.write_atomic(experiment.record_path(records_dir, name, seed), json.dumps(record))
 
 
@@ -272,3 +286,56 @@ def test_tables_only_rewrites_the_ablation_tables_from_the_records(tmp_path, mon
     assert sorted(path.name for path in records_dir.iterdir()) == sorted(  # no record added or changed
         experiment.record_path(records_dir, name, seed).name for name in ("tiger", joint, control) for seed in (0, 1)
     )
+
+
+def test_retrieval_and_fusion_are_compared_with_the_beam_search_over_the_seeds_that_have_them(tmp_path):
+    runs = experiment.experiment_runs(("tiger",))
+    for seed in range(3):
+        write_record(tmp_path, "tiger", seed, 0.1)
+        # seed 2's record is from before retrieval: the comparison takes seeds 0 and 1
+        extra = (
+            {}
+            if seed == 2
+            else {
+                "retrieval": ranking(random.Random(f"retrieval-{seed}"), 0.05),
+                "fusion": {**ranking(random.Random(f"fusion-{seed}"), 0.3), "weight": (0.03, 1.0)[seed]},
+            }
+        )
+        write_record(tmp_path, "tiger+soda", seed, 0.2, **extra)
+    summary = experiment.summarize(runs, tmp_path, 3)
+    found = summary["retrieval_and_fusion"]
+    assert [(c["run"], c["base"]) for c in found] == [
+        ("tiger+soda retrieval", "tiger+soda beam search"),
+        ("tiger+soda fusion", "tiger+soda beam search"),
+    ]
+    beam = experiment.read_records(tmp_path, "tiger+soda", 3)
+    beam_hits = torch.stack([experiment.hits(beam[seed]) for seed in (0, 1)])
+    for comparison, method in zip(found, ("retrieval", "fusion"), strict=True):
+        assert comparison["seeds"] == [0, 1]
+        base = [beam[seed]["test"]["recall@10"] for seed in (0, 1)]
+        variant = [beam[seed][method]["test"]["recall@10"] for seed in (0, 1)]
+        assert comparison["base_recall@10"] == pytest.approx(statistics.fmean(base))
+        assert comparison["variant_recall@10"] == pytest.approx(statistics.fmean(variant))
+        assert comparison["change_per_seed"] == pytest.approx([v / b - 1 for b, v in zip(base, variant, strict=True)])
+        method_hits = torch.stack([experiment.hits(beam[seed][method]) for seed in (0, 1)])
+        assert method_hits.mean(1).tolist() == pytest.approx(variant)  # the ranks agree with the metrics
+        assert comparison["users_bootstrap"] == paired_bootstrap(beam_hits, method_hits)
+        assert comparison["hierarchical_bootstrap"] == hierarchical_bootstrap(beam_hits, method_hits)
+    assert found[0]["change"] < 0 < found[1]["change"]  # retrieval hits 5% of users, fusion 30%, the beam 20%
+    assert "weight_per_seed" not in found[0] and found[1]["weight_per_seed"] == [0.03, 1.0]
+    experiment.write_summary(summary, tmp_path / "table", "toy")
+    table = (tmp_path / "table.md").read_text()
+    assert "## Retrieval and fusion against the beam search" in table
+    fusion_row = "| " + " | ".join(experiment.comparison_cells(found[1])) + " | 0.03, 1 |"
+    assert fusion_row in table and "| tiger+soda retrieval | tiger+soda beam search | 2 |" in table
+    assert json.loads((tmp_path / "table.json").read_text()) == summary
+
+
+def test_records_without_retrieval_give_no_retrieval_and_fusion_rows(tmp_path):
+    for seed in range(2):
+        write_record(tmp_path, "tiger", seed, 0.1)
+        write_record(tmp_path, "tiger+soda", seed, 0.2)
+    summary = experiment.summarize(experiment.experiment_runs(("tiger",)), tmp_path, 2)
+    assert summary["retrieval_and_fusion"] == [] and len(summary["comparisons"]) == 1
+    experiment.write_summary(summary, tmp_path / "table", "toy")
+    assert "Retrieval and fusion" not in (tmp_path / "table.md").read_text()

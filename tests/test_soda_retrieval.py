@@ -5,7 +5,8 @@ at weight 0 against the beam search itself, and the weight chosen on validation.
 import pytest
 import torch
 
-from soda.metrics import KS, target_ranks
+from soda.experiment import hits
+from soda.metrics import KS, ranking_metrics, target_ranks
 from soda.retrieval import (
     FUSION_WEIGHTS,
     beam_candidates,
@@ -82,5 +83,15 @@ def test_evaluation_reports_both_and_picks_the_best_validation_weight(trained):
     assert fusion["weight"] in FUSION_WEIGHTS
     assert fusion["valid"]["recall@10"] == max(fusion["valid_by_weight"].values())
     assert len(fusion["valid_by_weight"]) == len(FUSION_WEIGHTS)
+    # each part's ranks, laid out as the beam search's (what the bootstraps read), agree with the metrics
+    for block in (result["retrieval"], fusion):
+        for part in ("valid", "test"):
+            ranks = torch.tensor(block["ranks"][part])
+            assert ranks.shape == (len(getattr(split, part)),) and ranking_metrics(ranks) == block[part]
+        assert hits(block).mean().item() == pytest.approx(block["test"]["recall@10"])
+    test_ranks = retrieval_ranks(model, split.test, batch_size=16, device=DEVICE)
+    assert result["retrieval"]["ranks"]["test"] == test_ranks.tolist()
+    candidates = beam_candidates(model, split.test, batch_size=16, device=DEVICE)
+    assert fusion["ranks"]["test"] == fused_ranks(candidates, split.test.targets, fusion["weight"]).tolist()
     print(f"\nretrieval {result['retrieval']}\nfusion {fusion}")
     assert NUM_ITEMS == len(model.item_embeddings)
