@@ -269,9 +269,10 @@ class ItemDistributions:
         for start in range(0, num_items, cls.BUILD_ROWS):  # filled in place: no second copy of the catalogue
             stop = min(start + cls.BUILD_ROWS, num_items)
             log_p = codebook_log_softmax(items[start:stop].detach(), codebooks.detach(), tau, backend=backend)
-            probs[start:stop] = log_p.exp().flatten(1)
+            p = log_p.exp()
+            probs[start:stop] = p.flatten(1)
             log_probs[start:stop] = log_p.flatten(1)
-            negative_entropy[start:stop] = (log_p.exp() * log_p).sum(-1)
+            negative_entropy[start:stop] = (p * log_p).sum(-1)
         return cls(probs, log_probs, negative_entropy, tau)
 
     def __len__(self) -> int:
