@@ -16,9 +16,10 @@ log-softmax backward leaves it), the gradients of the residual and the codewords
     dLoss/dx   = (2/tau) sum_k g_k C_k         (the -||x||^2/tau term adds -(2/tau) x sum_k g_k = 0)
     dLoss/dC_k = (2/tau) g_k (x - C_k)          = (2/tau) (g_k x - g_k C_k)
 
-``project_logit_grad`` is that pair for a tile of rows and codes; the codeword part is a
+``project_logit_grad_into`` takes that pair for a tile of rows and codes, the codeword part into a
 per-program partial that ``sum_partials`` adds up in a fixed order, so gradients are
-deterministic without atomics.
+deterministic without atomics; ``log_softmax_backward_tile`` is the two-pass log-softmax
+backward that feeds it, the one every op's epilogue runs.
 
 Precision. Products of 16-bit residuals and codebooks enter ``tl.dot`` natively (exact products,
 float32 accumulation). Float32 operands use ``LOGIT_PRECISION`` ("tf32x3": three tf32
@@ -61,12 +62,19 @@ SCORE_PRECISION = _precision("bf16x3")
 NATIVE_16BIT_DOT = tl.constexpr(not INTERPRETER)
 
 
-def operand_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """Storage of the in-batch score operands (log-probabilities, probabilities): bfloat16 for
-    16-bit inputs (the loss within 6.6e-5 of float64, relative, by
+def wide_operands(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op multiplies float32 operands: any of its floating-point inputs (None skipped) is
+    float32, the 16-bit ones then upcast to meet it. The one rule of every op: it picks the launch
+    table's operand class ("fp32" or "16bit", ``launch.py``) and the in-batch operands' storage."""
+    return any(tensor is not None and tensor.dtype == torch.float32 for tensor in tensors)
+
+
+def operand_dtype(wide: bool) -> torch.dtype:
+    """Storage of the in-batch score operands (log-probabilities, probabilities): float32 for wide
+    inputs (multiplied as bf16x3), else bfloat16 (the loss within 6.6e-5 of float64, relative, by
     ``python -m bench.precision --batch 4096``, docs/precision.md; bf16's range so that no extreme
-    logit overflows), float32 for float32 inputs (multiplied as bf16x3)."""
-    return torch.float32 if input_dtype == torch.float32 else torch.bfloat16
+    logit overflows)."""
+    return torch.float32 if wide else torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +113,14 @@ def clamp_rows(index, num_rows):
 
 
 @triton.jit
+def code_tile(k_start, num_codes, row_mask, BLOCK_K: tl.constexpr):
+    """The K tile at k_start: its codes (BLOCK_K,), their mask and the (rows, codes) tile mask."""
+    codes = k_start + tl.arange(0, BLOCK_K)
+    code_mask = codes < num_codes
+    return codes, code_mask, row_mask[:, None] & code_mask[None, :]
+
+
+@triton.jit
 def softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), the log1p by its series where e^-|x| is tiny."""
     e = tl.exp(-tl.abs(x))
@@ -134,6 +150,15 @@ def load_rows(ptr, row_stride, rows, row_mask, width, BLOCK_W: tl.constexpr):
     offs = tl.arange(0, BLOCK_W)
     return tl.load(ptr + rows[:, None] * row_stride + offs[None, :], mask=row_mask[:, None] & (offs < width)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, row_stride, rows, row_mask, width, values):
+    """``load_rows``'s converse: the (rows, BLOCK_W) tile ``values`` into the table at ptr, cast to
+    its dtype, nothing stored outside ``row_mask`` and past ``width`` columns."""
+    offs = tl.arange(0, values.shape[1])
+    tl.store(ptr + rows[:, None] * row_stride + offs[None, :], values.to(ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (offs < width)[None, :])
 
 
 @triton.jit
@@ -182,77 +207,115 @@ def log_sum_exp_update(running_max, running_sum, logits):
 
 @triton.jit
 def layer_logits(
-    src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
+    src_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
     FROM_LOGITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One K tile of a layer's logits, (BLOCK_R, BLOCK_K) float32, -inf on masked codes: read
-    from src_ptr (the layer's logits, K contiguous values a row) when FROM_LOGITS, else the
-    codebook logits of the residuals at src_ptr (c_ptr: the layer's codebook (K, d))."""
+    """One K tile of one layer's logits of a side, (BLOCK_R, BLOCK_K) float32, -inf on masked codes.
+
+    src_ptr: the side's logits (R, L, K) when FROM_LOGITS (read as they are), else its residuals
+    (R, L, d), whose codebook logits against codebooks_ptr (L, K, d) are taken (codebook_shape:
+    the tuple (L, K, d)); read at rows (BLOCK_R,) under row_mask, for layer ``layer`` and codes
+    (BLOCK_K,) under code_mask.
+    """
+    num_layers, num_codes, dim = codebook_shape
     if FROM_LOGITS:
-        logits = load_logits(src_ptr, row_stride, rows, row_mask, codes, code_mask)
+        logits = load_logits(src_ptr + layer * num_codes, num_layers * num_codes, rows, row_mask, codes, code_mask)
     else:
-        logits = codebook_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim,
-                                 inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        logits = codebook_logits(
+            src_ptr + layer * dim, num_layers * dim, rows, row_mask, codebooks_ptr + layer * num_codes * dim, codes,
+            code_mask, dim, inv_temperature, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
     return logits
 
 
 @triton.jit
 def layer_log_probs(
-    src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature, lse,
-    FROM_LOGITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    src_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature, lse,
+    FROM_LOGITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """A (rows, codes) tile of one layer's log-probabilities, ``layer_logits`` - lse (lse: the
-    rows' log-sum-exps, (BLOCK_R,)), 0 on masked rows and codes; arguments as ``layer_logits``."""
-    logits = layer_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, code_mask, dim, inv_temperature,
-                          FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-    return tl.where(row_mask[:, None] & code_mask[None, :], logits - lse[:, None], 0.0)
+    """(log r, r) of a (rows, codes) tile of one layer: the log-probabilities ``layer_logits`` - lse
+    (lse: the rows' log-sum-exps, (BLOCK_R,)) and the probabilities, both 0 on masked rows and
+    codes; arguments as ``layer_logits``."""
+    tile_mask = row_mask[:, None] & code_mask[None, :]
+    logits = layer_logits(
+        src_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
+        FROM_LOGITS=FROM_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
+    log_r = tl.where(tile_mask, logits - lse[:, None], 0.0)
+    return log_r, tl.where(tile_mask, tl.exp(log_r), 0.0)
 
 
 @triton.jit
 def log_sum_exp(
-    src_ptr, row_stride, rows, row_mask, c_ptr, num_codes, dim, inv_temperature,
+    src_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperature,
     FROM_LOGITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """log sum_k exp(logit_k) of one layer, (BLOCK_R,) float32: an online log-sum-exp over K tiles
-    (arguments as ``layer_logits``)."""
+    """log sum_k exp(logit_k) of one layer of a side, (BLOCK_R,) float32: an online log-sum-exp over
+    the K tiles (arguments as ``layer_logits``)."""
     running_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_R,), tl.float32)
-    for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        logits = layer_logits(src_ptr, row_stride, rows, row_mask, c_ptr, codes, codes < num_codes, dim,
-                              inv_temperature, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+    for k_start in range(0, codebook_shape[1], BLOCK_K):
+        codes, code_mask, _ = code_tile(k_start, codebook_shape[1], row_mask, BLOCK_K)
+        logits = layer_logits(
+            src_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
+            FROM_LOGITS=FROM_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         running_max, running_sum = log_sum_exp_update(running_max, running_sum, logits)
     return running_max + tl.log(running_sum)
 
 
 @triton.jit
-def project_logit_grad(grad_logits, x, c, PRECISION: tl.constexpr):
-    """The residual and codeword gradients of one (rows, codes) tile of a layer's logit gradient,
-    up to the factor 2 / tau: (g c, g^T x - (sum_r g) c), (BLOCK_R, BLOCK_DIM) and (BLOCK_K,
-    BLOCK_DIM) float32. The caller sums the first over its K tiles into the residual gradient and
-    stores the second as its partial of the codebook gradient.
+def user_item_log_sum_exps(
+    sides, rows, item_rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperatures,
+    USER_LOGITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """(lse_q, lse_p) of one layer, (BLOCK_R,) each: the log-sum-exps (``log_sum_exp``) of the users
+    at rows and of their items at item_rows. sides: the tuple (user_ptr, items_ptr), the users'
+    residuals (B, L, d) or logits (USER_LOGITS) and the items' residuals (N, L, d);
+    inv_temperatures: the tuple (1 / the users' temperature, 1 / the items')."""
+    lse_q = log_sum_exp(
+        sides[0], rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperatures[0],
+        FROM_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
+    lse_p = log_sum_exp(
+        sides[1], item_rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperatures[1],
+        FROM_LOGITS=False, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
+    return lse_q, lse_p
 
-    grad_logits (BLOCK_R, BLOCK_K) float32, 0 on masked rows and codes; x (BLOCK_R, BLOCK_DIM)
-    and c (BLOCK_K, BLOCK_DIM) the rows' residuals and the codewords, d whole (zero-padded).
-    Float32 products at ``PRECISION`` whatever the input dtype: x - c may cancel, and these
-    products are small.
-    """
-    x = x.to(tl.float32)
-    c = c.to(tl.float32)
-    grad_x = tl.dot(grad_logits, c, input_precision=PRECISION)
-    grad_c = tl.dot(tl.trans(grad_logits), x, input_precision=PRECISION) - tl.sum(grad_logits, axis=0)[:, None] * c
-    return grad_x, grad_c
+
+@triton.jit
+def user_item_log_probs(
+    sides, rows, item_rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperatures, lse_q,
+    lse_p,
+    USER_LOGITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """(log Q, Q, log P, P) of one K tile of one layer, (BLOCK_R, BLOCK_K) each, 0 on masked rows
+    and codes: ``layer_log_probs`` of the users and of their items, arguments as
+    ``user_item_log_sum_exps`` with its results."""
+    log_q, q = layer_log_probs(
+        sides[0], rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperatures[0], lse_q,
+        FROM_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
+    log_p, p = layer_log_probs(
+        sides[1], item_rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperatures[1],
+        lse_p, FROM_LOGITS=False, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
+    return log_q, q, log_p, p
 
 
 @triton.jit
 def project_logit_grad_into(grad_logits, x, c, grad_x, grad_c, PRECISION: tl.constexpr):
-    """``project_logit_grad`` for a caller that sums many tiles of rows into one codebook partial:
-    (grad_x + g c, grad_c + g^T x, sum_r g), (BLOCK_R, BLOCK_G), (BLOCK_K, BLOCK_G) and (BLOCK_K,)
-    float32, up to the factor 2 / tau, which the caller folds into g. The caller subtracts
-    (sum of the sum_r g) c from its partial once, after its last tile.
+    """The residual and codeword gradients of one (rows, codes) tile of a layer's logit gradient g,
+    added to a caller's running sums: (grad_x + g c, grad_c + g^T x, sum_r g), (BLOCK_R, BLOCK_G),
+    (BLOCK_K, BLOCK_G) and (BLOCK_K,) float32, up to the factor 2 / tau, which the caller folds
+    into g. The caller subtracts (sum of the sum_r g) c from its codebook partial once, after its
+    last tile of rows.
 
     grad_logits (BLOCK_R, BLOCK_K) float32, 0 on masked rows and codes; x (BLOCK_R, BLOCK_G) and
     c (BLOCK_K, BLOCK_G) a chunk of the residuals' and the codewords' features. bfloat16 x and c
@@ -273,22 +336,87 @@ def project_logit_grad_into(grad_logits, x, c, grad_x, grad_c, PRECISION: tl.con
 
 
 @triton.jit
-def project_into_partial(grad_logits, x, c, grad_x, part_ptr, codes, code_mask, dim, first, PRECISION: tl.constexpr):
+def project_into_partial(
+    grad_logits, x, c, grad_x, partial_ptr, codes, code_mask, dim, first_block, PRECISION: tl.constexpr,
+):
     """``project_logit_grad_into`` for one tile of a program whose codebook partial lives in global
-    memory: returns grad_x + g c and sets (``first``) or adds to rows ``codes`` of the partial
-    part_ptr (K, d) float32 g^T x - (sum_r g) c, the partial read back by the program that owns
-    it. Arguments as ``project_logit_grad_into``; c (BLOCK_K, BLOCK_DIM) with d whole."""
+    memory: returns grad_x + g c and sets (the program's ``first_block``) or adds to rows ``codes``
+    of its partial partial_ptr (K, d) float32 g^T x - (sum_r g) c, the partial read back by the
+    program that owns it. Arguments as ``project_logit_grad_into``; c (BLOCK_K, BLOCK_DIM), d whole."""
     offs_d = tl.arange(0, c.shape[1])
-    tile = part_ptr + codes[:, None] * dim + offs_d[None, :]
+    tile = partial_ptr + codes[:, None] * dim + offs_d[None, :]
     tile_mask = code_mask[:, None] & (offs_d < dim)[None, :]
-    grad_c = tl.load(tile, mask=tile_mask & ~first, other=0.0)
-    grad_x, grad_c, column_sum = project_logit_grad_into(grad_logits, x, c, grad_x, grad_c, PRECISION)
-    tl.store(tile, grad_c - column_sum[:, None] * c.to(tl.float32), mask=tile_mask)
+    grad_x, grad_c, column_sum = project_logit_grad_into(grad_logits, x, c, grad_x, tl.zeros(c.shape, tl.float32),
+                                                         PRECISION)
+    grad_c -= column_sum[:, None] * c.to(tl.float32)
+    # the partial read after the products, so that it is not live across them (registers)
+    grad_c += tl.load(tile, mask=tile_mask & ~first_block, other=0.0)
+    tl.store(tile, grad_c, mask=tile_mask)
     return grad_x
+
+
+@triton.jit
+def log_softmax_backward_tile(
+    step, grad_log, r, tile_mask, grad_log_sum, grad_x, x, codebooks_ptr, codebook_shape, layer, codes, code_mask,
+    partial_ptr, first_block, scale, out_ptr, out_rows,
+    FROM_LOGITS: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One K tile of a layer's two-pass log-softmax backward, dz = dlog r - r sum_k dlog r_k, for a
+    block of rows; returns (grad_log_sum, grad_x).
+
+    Pass ``step`` 0 adds the tile's row sums of grad_log (dlog r, (BLOCK_R, BLOCK_K)) to
+    grad_log_sum (BLOCK_R,). Pass 1 forms the tile of dz (r: the probabilities, 0 where masked)
+    and, with FROM_LOGITS, stores it as it is into rows out_rows of the logit gradient out_ptr
+    (R, L, K); else projects scale dz (scale = 2 / tau) onto the rows' residuals x (BLOCK_R,
+    BLOCK_DIM), added to grad_x, and onto the codewords of codebooks_ptr (codebook_shape (L, K, d)),
+    set (``first_block``) or added into the program's partial partial_ptr (K, d) of the layer
+    (``project_into_partial``).
+    """
+    num_layers, num_codes, dim = codebook_shape
+    grad_log = tl.where(tile_mask, grad_log, 0.0)
+    if step == 0:
+        grad_log_sum += tl.sum(grad_log, axis=1)
+    else:
+        grad_logits = tl.where(tile_mask, grad_log - r * grad_log_sum[:, None], 0.0)
+        if FROM_LOGITS:
+            out = out_ptr + out_rows[:, None] * num_layers * num_codes + layer * num_codes + codes[None, :]
+            tl.store(out, grad_logits.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        else:
+            c = load_rows(codebooks_ptr + layer * num_codes * dim, dim, codes, code_mask, dim, BLOCK_DIM)
+            grad_x = project_into_partial(scale * grad_logits, x, c, grad_x, partial_ptr, codes, code_mask, dim,
+                                          first_block=first_block, PRECISION=PRECISION)
+    return grad_log_sum, grad_x
 
 
 # ----------------------------------------------------------------------------------------------
 # Finishing kernels shared by the ops, and the index checks' reduction.
+
+
+@triton.jit
+def row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION: tl.constexpr):
+    """g_b = dLoss/dt_b for rows (BLOCK,): dLoss/dloss scaled by the reduction; 0 on masked rows.
+
+    grad_ptr: () or, for "none", (B,) float32; counts_ptr: (B,) T_b; total_ptr: () sum_b T_b.
+    """
+    if REDUCTION == "none":
+        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
+        scale = grad / tl.maximum(tl.load(counts_ptr + rows, mask=row_mask, other=1.0), 1.0)
+    elif REDUCTION == "mean":
+        scale = tl.load(grad_ptr) / tl.maximum(tl.load(total_ptr), 1.0) + tl.zeros(rows.shape, tl.float32)
+    else:
+        scale = tl.load(grad_ptr) + tl.zeros(rows.shape, tl.float32)
+    return tl.where(row_mask, scale, 0.0)
+
+
+@triton.jit
+def finish_rows(loss_ptr, counts_ptr, rows, row_mask, terms, count, term_sum, count_sum, REDUCTION: tl.constexpr):
+    """A finishing kernel's block of rows (BLOCK,): counts_ptr[rows] <- T_b = count and, for "none",
+    loss_ptr[rows] <- t_b / max(T_b, 1), t_b = terms; returns the running sums (term_sum + terms,
+    count_sum + count) for ``store_reduction``."""
+    tl.store(counts_ptr + rows, count, mask=row_mask)
+    if REDUCTION == "none":
+        tl.store(loss_ptr + rows, terms / tl.maximum(count, 1.0), mask=row_mask)
+    return term_sum + terms, count_sum + count
 
 
 @triton.jit
@@ -302,6 +430,63 @@ def store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION: tl.cons
         tl.store(loss_ptr, tl.sum(term_sum, axis=0) / tl.maximum(total, 1.0))
     if REDUCTION == "sum":
         tl.store(loss_ptr, tl.sum(term_sum, axis=0))
+
+
+@triton.jit
+def _sum_parts(parts_ptr, num_parts, batch, rows, row_mask):
+    """sum_p parts[p, rows] of a (num_parts, B) float32 buffer, added in the order p = 0, 1, ..."""
+    total = tl.zeros(rows.shape, tl.float32)
+    for part in range(0, num_parts):
+        total += tl.load(parts_ptr + part * batch + rows, mask=row_mask, other=0.0)
+    return total
+
+
+@triton.jit
+def _finish_kernel(
+    term_parts_ptr, count_parts_ptr, extra_parts_ptr, loss_ptr, counts_ptr, total_ptr, extra_ptr,
+    batch, num_term_parts, num_count_parts, count_scale,
+    REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program, the loss from per-program partials: per row b, t_b = sum_p term_parts[p, b] and
+    T_b = count_scale sum_p count_parts[p, b], each added in the order p = 0, 1, ...
+
+    term_parts_ptr (num_term_parts, B), count_parts_ptr (num_count_parts, B) float32;
+    extra_parts_ptr: None, or (num_count_parts, B) float32 more sums, extra_ptr (B,) <- them.
+    Writes counts_ptr (B,) <- T_b, total_ptr () <- sum_b T_b, loss_ptr () <- the mean over all
+    terms or their sum, or (B,) <- t_b / max(T_b, 1) for "none" (``finish_rows``).
+    """
+    term_sum = tl.zeros((BLOCK,), tl.float32)
+    count_sum = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, batch, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        row_mask = rows < batch
+        terms = _sum_parts(term_parts_ptr, num_term_parts, batch, rows, row_mask)
+        count = count_scale * _sum_parts(count_parts_ptr, num_count_parts, batch, rows, row_mask)
+        if extra_parts_ptr is not None:
+            tl.store(extra_ptr + rows, _sum_parts(extra_parts_ptr, num_count_parts, batch, rows, row_mask),
+                     mask=row_mask)
+        term_sum, count_sum = finish_rows(loss_ptr, counts_ptr, rows, row_mask, terms, count, term_sum, count_sum,
+                                          REDUCTION=REDUCTION)
+    store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION)
+
+
+def finish(term_parts: torch.Tensor, count_parts: torch.Tensor, reduction: str, *, count_scale: float = 1.0,
+           extra_parts: torch.Tensor | None = None):
+    """The loss of an op from its partial sums, one launch (``_finish_kernel``): term_parts (P, B)
+    and count_parts (P', B) float32, the rows' terms and term counts (times ``count_scale``), and
+    optionally extra_parts (P', B), more sums the backward needs. Returns (loss: () or (B,) for
+    "none", counts T_b (B,), total (), the extra sums (B,) or None), all float32."""
+    batch = count_parts.shape[1]
+    loss = count_parts.new_empty((batch,) if reduction == "none" else ())
+    counts, total = count_parts.new_empty((batch,)), count_parts.new_empty(())
+    extra = None if extra_parts is None else count_parts.new_empty((batch,))
+    _finish_kernel[(1,)](
+        term_parts_ptr=term_parts, count_parts_ptr=count_parts, extra_parts_ptr=extra_parts, loss_ptr=loss,
+        counts_ptr=counts, total_ptr=total, extra_ptr=extra, batch=batch, num_term_parts=term_parts.shape[0],
+        num_count_parts=count_parts.shape[0], count_scale=float(count_scale), REDUCTION=reduction,
+        **launch_config("reduce"),
+    )
+    return loss, counts, total, extra
 
 
 @triton.jit
@@ -339,8 +524,10 @@ def index_bounds(first: torch.Tensor, second: torch.Tensor | None = None) -> lis
     out = torch.empty((programs, 2, 2), dtype=torch.int64, device=first.device)
     flat_first = first.reshape(-1)
     flat_second = None if second is None else second.reshape(-1)
-    _index_bounds_kernel[(programs,)](flat_first, flat_first.numel(),
-                                      flat_second, 0 if flat_second is None else flat_second.numel(), out, **config)
+    _index_bounds_kernel[(programs,)](
+        first_ptr=flat_first, first_size=flat_first.numel(), second_ptr=flat_second,
+        second_size=0 if flat_second is None else flat_second.numel(), out_ptr=out, **config,
+    )
     per_program = out.tolist()
     given = 1 if second is None else 2
     return [(min(p[t][0] for p in per_program), max(p[t][1] for p in per_program)) for t in range(given)]
@@ -365,7 +552,9 @@ def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(partials.shape[1:], dtype=dtype, device=partials.device)
     size = out.numel()
     config = launch_config("partials")
-    _sum_partials_kernel[(triton.cdiv(size, config["BLOCK"]),)](partials, out, partials.shape[0], size, **config)
+    _sum_partials_kernel[(triton.cdiv(size, config["BLOCK"]),)](
+        partial_ptr=partials, out_ptr=out, num_partials=partials.shape[0], size=size, **config,
+    )
     return out
 
 
@@ -411,7 +600,10 @@ def sum_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_targets: int,
     out = torch.zeros((num_targets, *rows.shape[1:]), dtype=dtype, device=rows.device)
     config = launch_config("match", width=width)
     grid = (triton.cdiv(rows.shape[0], config["BLOCK_R"]), triton.cdiv(width, config["BLOCK_W"]))
-    _sum_rows_by_index_kernel[grid](rows, index, out, rows.shape[0], num_targets, width, **config)
+    _sum_rows_by_index_kernel[grid](
+        rows_ptr=rows, index_ptr=index, out_ptr=out, num_rows=rows.shape[0], num_targets=num_targets, width=width,
+        **config,
+    )
     return out
 
 
@@ -474,7 +666,8 @@ def sum_rows_by_sorted_index(rows: torch.Tensor, sorted_index: torch.Tensor, ord
     config = launch_config("segments", width=width)
     grid = (triton.cdiv(num_targets, config["BLOCK_T"]), triton.cdiv(width, config["BLOCK_W"]))
     _sum_rows_by_sorted_index_kernel[grid](
-        rows, sorted_index if order is None else order, sorted_index, out, rows.shape[0], num_targets, width,
-        max(1, rows.shape[0].bit_length()), GATHER=order is not None, **config,
+        rows_ptr=rows, order_ptr=sorted_index if order is None else order, sorted_index_ptr=sorted_index, out_ptr=out,
+        num_rows=rows.shape[0], num_targets=num_targets, width=width, search_steps=max(1, rows.shape[0].bit_length()),
+        GATHER=order is not None, **config,
     )
     return out

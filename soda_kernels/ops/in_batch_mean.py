@@ -52,19 +52,23 @@ from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     clamp_rows,
+    code_tile,
     feature_weights,
-    layer_log_probs,
+    finish_rows,
     layer_weight,
     load_rows,
-    log_sum_exp,
-    project_into_partial,
+    log_softmax_backward_tile,
+    row_scale,
     sigmoid,
     softplus,
     store_reduction,
+    store_rows,
     sum_partials,
     sum_rows_by_sorted_index,
+    user_item_log_probs,
+    user_item_log_sum_exps,
+    wide_operands,
 )
-from .in_batch_pairs import row_scale
 from .launch import launch_config, plan_grid, tune_if_asked
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32: where others is clamped
@@ -121,32 +125,29 @@ def _prologue_kernel(
     row_mask = positions < batch
     rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
     positive = clamp_rows(tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0), num_items)
-    user_width = num_codes if USER_LOGITS else dim
     num_features = num_layers * num_codes
+    codebook_shape = (num_layers, num_codes, dim)
+    sides, inv_temperatures = (user_ptr, items_ptr), (inv_user_temperature, inv_temperature)
     score = tl.zeros((BLOCK_R,), tl.float32)
     for layer in range(0, num_layers):
-        user_layer = user_ptr + layer * user_width
-        item_layer = items_ptr + layer * dim
-        codebook = codebooks_ptr + layer * num_codes * dim
-        lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
-                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        lse_p = log_sum_exp(item_layer, num_layers * dim, positive, row_mask, codebook, num_codes, dim,
-                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_q, lse_p = user_item_log_sum_exps(
+            sides, rows, positive, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperatures,
+            USER_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         divergence = tl.zeros((BLOCK_R,), tl.float32)
         for k_start in range(0, num_codes, BLOCK_K):
-            codes = k_start + tl.arange(0, BLOCK_K)
-            code_mask = codes < num_codes
-            tile_mask = row_mask[:, None] & code_mask[None, :]
-            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
-                                    dim, inv_user_temperature, lse_q, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_p = layer_log_probs(item_layer, num_layers * dim, positive, row_mask, codebook, codes, code_mask, dim,
-                                    inv_temperature, lse_p, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+            codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+            log_q, q, log_p, p = user_item_log_probs(
+                sides, rows, positive, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask,
+                inv_temperatures, lse_q, lse_p, USER_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+                BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            )
             feature = positions[:, None] * num_features + layer * num_codes + codes[None, :]
             tl.store(log_q_ptr + feature, log_q, mask=tile_mask)
             tl.store(log_p_ptr + feature, log_p, mask=tile_mask)
-            divergence += tl.sum(tl.where(tile_mask, tl.exp(log_p), 0.0) * (log_p - log_q), axis=1)
+            divergence += tl.sum(p * (log_p - log_q), axis=1)
             if SYMMETRIC:
-                divergence += tl.sum(tl.where(tile_mask, tl.exp(log_q), 0.0) * (log_q - log_p), axis=1)
+                divergence += tl.sum(q * (log_q - log_p), axis=1)
         score -= layer_weight(weights_ptr, layer) * divergence
     positive = tl.load(sorted_positives_ptr + positions, mask=row_mask, other=0)  # read again: nothing kept
     tl.store(scores_ptr + positions, tl.where((positive >= 0) & (positive < num_items), score, float("nan")),
@@ -163,6 +164,23 @@ def _load_terms(ptr, mask, FROM_LOG: tl.constexpr):
 
 
 @triton.jit
+def _position_tile(start, batch, features, feature_mask, num_features, BLOCK_R: tl.constexpr):
+    """The block of positions at start (BLOCK_R,) int64, their mask, and the (positions, features)
+    tile's mask and offsets into a (B, F) row-major table."""
+    positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = positions < batch
+    tile = positions[:, None] * num_features + features[None, :]
+    return positions, row_mask, row_mask[:, None] & feature_mask[None, :], tile
+
+
+@triton.jit
+def _runs(bounds_ptr, positions, row_mask, batch):
+    """The runs [start, end) of the positions' groups, from bounds_ptr (2, B) int32."""
+    return (tl.load(bounds_ptr + positions, mask=row_mask, other=0),
+            tl.load(bounds_ptr + batch + positions, mask=row_mask, other=0))
+
+
+@triton.jit
 def _other_groups(
     src_ptr, out_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch, num_features,
     FROM_LOG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -173,33 +191,37 @@ def _other_groups(
     (2, B) int32 the runs. out may be src itself (it is read in the first two passes only)."""
     carry = tl.zeros((BLOCK_F,), tl.float32)
     for start in range(0, batch, BLOCK_R):  # inclusive prefix sums, first block first
-        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        tile = positions[:, None] * num_features + features[None, :]
-        mask = (positions < batch)[:, None] & feature_mask[None, :]
+        _, _, mask, tile = _position_tile(start, batch, features, feature_mask, num_features, BLOCK_R)
         x = _load_terms(src_ptr + tile, mask, FROM_LOG)
         tl.store(prefix_ptr + tile, carry[None, :] + tl.cumsum(x, axis=0), mask=mask)
         carry += tl.sum(x, axis=0)
     carry = tl.zeros((BLOCK_F,), tl.float32)
     num_blocks = tl.cdiv(batch, BLOCK_R)
     for step in range(0, num_blocks):  # inclusive suffix sums, last block first
-        positions = ((num_blocks - 1 - step) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        tile = positions[:, None] * num_features + features[None, :]
-        mask = (positions < batch)[:, None] & feature_mask[None, :]
+        _, _, mask, tile = _position_tile((num_blocks - 1 - step) * BLOCK_R, batch, features, feature_mask,
+                                          num_features, BLOCK_R)
         x = _load_terms(src_ptr + tile, mask, FROM_LOG)
         tl.store(suffix_ptr + tile, carry[None, :] + tl.cumsum(x, axis=0, reverse=True), mask=mask)
         carry += tl.sum(x, axis=0)
     tl.debug_barrier()  # the gathers below read sums that other threads stored
     for start in range(0, batch, BLOCK_R):
-        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        row_mask = positions < batch
-        mask = row_mask[:, None] & feature_mask[None, :]
-        run_start = tl.load(bounds_ptr + positions, mask=row_mask, other=0).to(tl.int64)
-        run_end = tl.load(bounds_ptr + batch + positions, mask=row_mask, other=0).to(tl.int64)
+        positions, row_mask, mask, tile = _position_tile(start, batch, features, feature_mask, num_features, BLOCK_R)
+        run_start, run_end = _runs(bounds_ptr, positions, row_mask, batch)
+        run_start, run_end = run_start.to(tl.int64), run_end.to(tl.int64)
         before = tl.load(prefix_ptr + (run_start - 1)[:, None] * num_features + features[None, :],
                          mask=mask & (run_start > 0)[:, None], other=0.0)
         after = tl.load(suffix_ptr + run_end[:, None] * num_features + features[None, :],
                         mask=mask & (run_end < batch)[:, None], other=0.0)
-        tl.store(out_ptr + positions[:, None] * num_features + features[None, :], before + after, mask=mask)
+        tl.store(out_ptr + tile, before + after, mask=mask)
+    tl.debug_barrier()  # the caller reads out back, maybe in other threads
+
+
+@triton.jit
+def _feature_chunk(weights_ptr, num_codes, num_features, BLOCK_F: tl.constexpr):
+    """The program's chunk of the L K features (BLOCK_F,), their mask and their layers' weights."""
+    features = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    feature_mask = features < num_features
+    return features, feature_mask, feature_weights(weights_ptr, features, num_codes, feature_mask)
 
 
 @triton.jit
@@ -214,8 +236,7 @@ def _mean_distribution(others, run_start, run_end, batch):
 def _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr, total_ptr, positions, mask, batch,
                    REDUCTION: tl.constexpr):
     """g = dLoss/dterm sigmoid(ms - ps) at positions (BLOCK_R,), 0 without a term, and the runs."""
-    run_start = tl.load(bounds_ptr + positions, mask=mask, other=0)
-    run_end = tl.load(bounds_ptr + batch + positions, mask=mask, other=0)
+    run_start, run_end = _runs(bounds_ptr, positions, mask, batch)
     rows = tl.load(order_ptr + positions, mask=mask, other=0)
     margin = tl.load(scores_ptr + batch + positions, mask=mask, other=0.0) - tl.load(scores_ptr + positions,
                                                                                    mask=mask, other=0.0)
@@ -233,19 +254,12 @@ def _mean_scores_kernel(
     part_ptr[chunk] (chunks, B) <- sum over the chunk of w [P (log P - log M) (+ M (log M - log P))].
     log_q_ptr, log_p_ptr: (B, L K) float32 by position; prefix_ptr, suffix_ptr: (B, L K) scratch;
     bounds_ptr: (2, B) int32; weights_ptr: (L,) float32 or None (all ones)."""
-    features = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    feature_mask = features < num_features
-    weight = feature_weights(weights_ptr, features, num_codes, feature_mask)
+    features, feature_mask, weight = _feature_chunk(weights_ptr, num_codes, num_features, BLOCK_F)
     _other_groups(log_q_ptr, log_q_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
-                  num_features, True, BLOCK_R, BLOCK_F)
-    tl.debug_barrier()
+                  num_features, FROM_LOG=True, BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
     for start in range(0, batch, BLOCK_R):
-        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        row_mask = positions < batch
-        mask = row_mask[:, None] & feature_mask[None, :]
-        tile = positions[:, None] * num_features + features[None, :]
-        run_start = tl.load(bounds_ptr + positions, mask=row_mask, other=0)
-        run_end = tl.load(bounds_ptr + batch + positions, mask=row_mask, other=0)
+        positions, row_mask, mask, tile = _position_tile(start, batch, features, feature_mask, num_features, BLOCK_R)
+        run_start, run_end = _runs(bounds_ptr, positions, row_mask, batch)
         mean, log_mean = _mean_distribution(tl.load(log_q_ptr + tile, mask=mask, other=0.0), run_start, run_end,
                                             batch)
         log_p = tl.load(log_p_ptr + tile, mask=mask, other=0.0)
@@ -273,16 +287,12 @@ def _finish_kernel(
         for chunk in range(0, num_chunks):
             mean_score -= tl.load(part_ptr + chunk * batch + positions, mask=mask, other=0.0)
         tl.store(scores_ptr + batch + positions, mean_score, mask=mask)
-        run_size = (tl.load(bounds_ptr + batch + positions, mask=mask, other=0)
-                    - tl.load(bounds_ptr + positions, mask=mask, other=0))
-        has_term = (mask & (run_size < batch)).to(tl.float32)
+        run_start, run_end = _runs(bounds_ptr, positions, mask, batch)
+        has_term = (mask & (run_end - run_start < batch)).to(tl.float32)
         term = has_term * softplus(mean_score - tl.load(scores_ptr + positions, mask=mask, other=0.0))
         rows = tl.load(order_ptr + positions, mask=mask, other=0)
-        tl.store(counts_ptr + rows, has_term, mask=mask)
-        if REDUCTION == "none":
-            tl.store(loss_ptr + rows, term, mask=mask)
-        term_sum += term
-        count_sum += has_term
+        term_sum, count_sum = finish_rows(loss_ptr, counts_ptr, rows, mask, terms=term, count=has_term,
+                                          term_sum=term_sum, count_sum=count_sum, REDUCTION=REDUCTION)
     store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION)
 
 
@@ -296,19 +306,15 @@ def _mean_grads_kernel(
     (B, L K) <- the other groups' sums of G at each position (the module docstring). Inputs as
     ``_mean_scores_kernel``, and the saved scores (2, B), order (B,), counts (B,) and total ();
     grad_ptr: () or, for "none", (B,) float32 dLoss/dloss."""
-    features = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    feature_mask = features < num_features
-    weight = feature_weights(weights_ptr, features, num_codes, feature_mask)
+    features, feature_mask, weight = _feature_chunk(weights_ptr, num_codes, num_features, BLOCK_F)
     _other_groups(log_q_ptr, others_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
-                  num_features, True, BLOCK_R, BLOCK_F)
-    tl.debug_barrier()
+                  num_features, FROM_LOG=True, BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
     for start in range(0, batch, BLOCK_R):
-        positions = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        row_mask = positions < batch
-        mask = row_mask[:, None] & feature_mask[None, :]
-        tile = positions[:, None] * num_features + features[None, :]
-        row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
-                                                      total_ptr, positions, row_mask, batch, REDUCTION)
+        positions, row_mask, mask, tile = _position_tile(start, batch, features, feature_mask, num_features, BLOCK_R)
+        row_grad, run_start, run_end = _row_gradients(
+            scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr, total_ptr, positions=positions, mask=row_mask,
+            batch=batch, REDUCTION=REDUCTION,
+        )
         others = tl.load(others_ptr + tile, mask=mask, other=0.0)
         mean, log_mean = _mean_distribution(others, run_start, run_end, batch)
         log_p = tl.load(log_p_ptr + tile, mask=mask, other=0.0)
@@ -320,33 +326,33 @@ def _mean_grads_kernel(
                  mask=mask)
     tl.debug_barrier()
     _other_groups(group_grad_ptr, group_grad_ptr, prefix_ptr, suffix_ptr, bounds_ptr, features, feature_mask, batch,
-                  num_features, False, BLOCK_R, BLOCK_F)
+                  num_features, FROM_LOG=False, BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
 
 
 @triton.jit
 def _epilogue_side(
-    src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight, layer,
+    src_ptr, codebooks_ptr, partial_ptr, positions, row_mask, src_rows, row_grad, run_start, run_end, weight, layer,
     log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr, out_rows, first_block,
     batch, num_layers, num_codes, dim, inv_temperature,
     IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One side, layer and block of positions: dlog (module docstring) -> dz = dlog - r sum_k dlog,
-    written as it is (FROM_LOGITS) or projected: grad_out_ptr's rows out_rows (R, L, d) <- dz C
-    (times 2 / tau) and the partial part (K, d) float32 += dz^T x - (sum dz) C (set at
-    ``first_block``). src_ptr: the side's residuals (R, L, d), read at rows src_rows."""
+    written as it is (FROM_LOGITS) or projected (``log_softmax_backward_tile``): grad_out_ptr's rows
+    out_rows (R, L, d) <- dz C (times 2 / tau) and the program's codebook partial of the layer,
+    partial_ptr (K, d) float32, set (``first_block``) or added dz^T x - (sum dz) C. src_ptr: the
+    side's residuals (R, L, d), read at rows src_rows."""
     num_features = num_layers * num_codes
-    offs_d = tl.arange(0, BLOCK_DIM)
-    d_mask = offs_d < dim
-    if not FROM_LOGITS:
+    codebook_shape = (num_layers, num_codes, dim)
+    if FROM_LOGITS:
+        x = None
+    else:
         x = load_rows(src_ptr + layer * dim, num_layers * dim, src_rows, row_mask, dim, BLOCK_DIM)
     grad_log_sum = tl.zeros((BLOCK_R,), tl.float32)
     grad_x = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
     for step in range(0, 2):  # 0: sum_k dlog; 1: dz = dlog - r sum_k dlog, projected
         for k_start in range(0, num_codes, BLOCK_K):
-            codes = k_start + tl.arange(0, BLOCK_K)
-            code_mask = codes < num_codes
-            tile_mask = row_mask[:, None] & code_mask[None, :]
+            codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
             tile = positions[:, None] * num_features + layer * num_codes + codes[None, :]
             log_q = tl.load(log_q_ptr + tile, mask=tile_mask, other=0.0)
             log_p = tl.load(log_p_ptr + tile, mask=tile_mask, other=0.0)
@@ -367,21 +373,46 @@ def _epilogue_side(
                     grad_log += mean - q
                 grad_log = weight * row_grad[:, None] * grad_log
                 r = p
-            grad_log = tl.where(tile_mask, grad_log, 0.0)
-            if step == 0:
-                grad_log_sum += tl.sum(grad_log, axis=1)
-            else:
-                grad_logits = tl.where(tile_mask, grad_log - r * grad_log_sum[:, None], 0.0)
-                if FROM_LOGITS:
-                    out = grad_out_ptr + out_rows[:, None] * num_features + layer * num_codes + codes[None, :]
-                    tl.store(out, grad_logits.to(grad_out_ptr.dtype.element_ty), mask=tile_mask)
-                else:
-                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
-                    grad_x = project_into_partial(2.0 * inv_temperature * grad_logits, x, c, grad_x, part, codes,
-                                                  code_mask, dim, first_block, PRECISION)
+            grad_log_sum, grad_x = log_softmax_backward_tile(
+                step, grad_log, r, tile_mask, grad_log_sum, grad_x, x, codebooks_ptr, codebook_shape, layer, codes,
+                code_mask, partial_ptr, first_block, scale=2.0 * inv_temperature, out_ptr=grad_out_ptr,
+                out_rows=out_rows, FROM_LOGITS=FROM_LOGITS, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+            )
     if not FROM_LOGITS:
-        out = grad_out_ptr + out_rows[:, None] * num_layers * dim + layer * dim + offs_d[None, :]
-        tl.store(out, grad_x.to(grad_out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+        store_rows(grad_out_ptr + layer * dim, num_layers * dim, out_rows, row_mask, dim, grad_x)
+
+
+@triton.jit
+def _epilogue_blocks(
+    src_ptr, codebooks_ptr, weights_ptr, partial_ptr, program, layer, log_q_ptr, log_p_ptr, others_ptr,
+    group_grad_ptr, bounds_ptr, order_ptr, src_rows_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr, grad_out_ptr,
+    batch, num_src_rows, num_layers, num_codes, dim, inv_temperature,
+    IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One side: the blocks of positions program, + programs, ... through ``_epilogue_side``; the
+    side's rows of src_ptr (num_src_rows of them) are src_rows_ptr[position] (the permutation
+    order_ptr for the users, the sorted positives for the items), its gradient rows those (users)
+    or the positions (items)."""
+    weight = layer_weight(weights_ptr, layer)
+    for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
+        positions = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_mask = positions < batch
+        row_grad, run_start, run_end = _row_gradients(
+            scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr, total_ptr, positions=positions, mask=row_mask,
+            batch=batch, REDUCTION=REDUCTION,
+        )
+        src_rows = clamp_rows(tl.load(src_rows_ptr + positions, mask=row_mask, other=0), num_src_rows)
+        _epilogue_side(
+            src_ptr=src_ptr, codebooks_ptr=codebooks_ptr, partial_ptr=partial_ptr, positions=positions,
+            row_mask=row_mask, src_rows=src_rows, row_grad=row_grad, run_start=run_start, run_end=run_end,
+            weight=weight, layer=layer, log_q_ptr=log_q_ptr, log_p_ptr=log_p_ptr, others_ptr=others_ptr,
+            group_grad_ptr=group_grad_ptr, grad_out_ptr=grad_out_ptr, out_rows=src_rows if IS_USER else positions,
+            first_block=block == program, batch=batch, num_layers=num_layers, num_codes=num_codes, dim=dim,
+            inv_temperature=inv_temperature, IS_USER=IS_USER, FROM_LOGITS=FROM_LOGITS, SYMMETRIC=SYMMETRIC,
+            BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+        )
+        tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
 
 
 @triton.jit
@@ -404,46 +435,29 @@ def _epilogue_kernel(
     program, layer = tl.program_id(0), tl.program_id(1)
     sides = 1 if USER_LOGITS else 2
     if tl.program_id(2) == 0:
-        part = codebook_part_ptr + (program * sides * num_layers + layer) * num_codes * dim
-        _epilogue_blocks(user_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
-                         others_ptr, group_grad_ptr, bounds_ptr, order_ptr, order_ptr, scores_ptr, grad_ptr,
-                         counts_ptr, total_ptr, grad_user_ptr, batch, batch, num_layers, num_codes, dim,
-                         inv_user_temperature, True, USER_LOGITS, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K, BLOCK_DIM,
-                         PRECISION)
+        partial_ptr = codebook_part_ptr + (program * sides * num_layers + layer) * num_codes * dim
+        _epilogue_blocks(
+            src_ptr=user_ptr, codebooks_ptr=codebooks_ptr, weights_ptr=weights_ptr, partial_ptr=partial_ptr,
+            program=program, layer=layer, log_q_ptr=log_q_ptr, log_p_ptr=log_p_ptr, others_ptr=others_ptr,
+            group_grad_ptr=group_grad_ptr, bounds_ptr=bounds_ptr, order_ptr=order_ptr, src_rows_ptr=order_ptr,
+            scores_ptr=scores_ptr, grad_ptr=grad_ptr, counts_ptr=counts_ptr, total_ptr=total_ptr,
+            grad_out_ptr=grad_user_ptr, batch=batch, num_src_rows=batch, num_layers=num_layers, num_codes=num_codes,
+            dim=dim, inv_temperature=inv_user_temperature, IS_USER=True, FROM_LOGITS=USER_LOGITS,
+            SYMMETRIC=SYMMETRIC, REDUCTION=REDUCTION, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_DIM=BLOCK_DIM,
+            PRECISION=PRECISION,
+        )
     else:
-        part = codebook_part_ptr + ((program * sides + sides - 1) * num_layers + layer) * num_codes * dim
-        _epilogue_blocks(items_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr,
-                         others_ptr, group_grad_ptr, bounds_ptr, order_ptr, sorted_positives_ptr, scores_ptr,
-                         grad_ptr, counts_ptr, total_ptr, item_row_grad_ptr, batch, num_items, num_layers,
-                         num_codes, dim, inv_temperature, False, False, SYMMETRIC, REDUCTION, BLOCK_R, BLOCK_K,
-                         BLOCK_DIM, PRECISION)
-
-
-@triton.jit
-def _epilogue_blocks(
-    src_ptr, codebooks_ptr, weights_ptr, part, program, layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr,
-    bounds_ptr, order_ptr, src_rows_ptr, scores_ptr, grad_ptr, counts_ptr, total_ptr, grad_out_ptr,
-    batch, num_src_rows, num_layers, num_codes, dim, inv_temperature,
-    IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, REDUCTION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One side: the blocks of positions program, + programs, ... through ``_epilogue_side``; the
-    side's rows of src_ptr (num_src_rows of them) are src_rows_ptr[position] (the permutation for
-    the users, the sorted positives for the items), its gradient rows those (users) or the
-    positions (items)."""
-    weight = layer_weight(weights_ptr, layer)
-    codebook = codebooks_ptr + layer * num_codes * dim
-    for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
-        positions = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_mask = positions < batch
-        row_grad, run_start, run_end = _row_gradients(scores_ptr, bounds_ptr, order_ptr, grad_ptr, counts_ptr,
-                                                      total_ptr, positions, row_mask, batch, REDUCTION)
-        src_rows = clamp_rows(tl.load(src_rows_ptr + positions, mask=row_mask, other=0), num_src_rows)
-        _epilogue_side(src_ptr, codebook, part, positions, row_mask, src_rows, row_grad, run_start, run_end, weight,
-                       layer, log_q_ptr, log_p_ptr, others_ptr, group_grad_ptr, grad_out_ptr,
-                       src_rows if IS_USER else positions, block == program, batch, num_layers, num_codes, dim,
-                       inv_temperature, IS_USER, FROM_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K, BLOCK_DIM, PRECISION)
-        tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
+        partial_ptr = codebook_part_ptr + ((program * sides + sides - 1) * num_layers + layer) * num_codes * dim
+        _epilogue_blocks(
+            src_ptr=items_ptr, codebooks_ptr=codebooks_ptr, weights_ptr=weights_ptr, partial_ptr=partial_ptr,
+            program=program, layer=layer, log_q_ptr=log_q_ptr, log_p_ptr=log_p_ptr, others_ptr=others_ptr,
+            group_grad_ptr=group_grad_ptr, bounds_ptr=bounds_ptr, order_ptr=order_ptr,
+            src_rows_ptr=sorted_positives_ptr, scores_ptr=scores_ptr, grad_ptr=grad_ptr, counts_ptr=counts_ptr,
+            total_ptr=total_ptr, grad_out_ptr=item_row_grad_ptr, batch=batch, num_src_rows=num_items,
+            num_layers=num_layers, num_codes=num_codes, dim=dim, inv_temperature=inv_temperature, IS_USER=False,
+            FROM_LOGITS=False, SYMMETRIC=SYMMETRIC, REDUCTION=REDUCTION, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+        )
 
 
 FAMILIES = ("mean_logits", "groups", "mean_grads")  # the launch families SODA_TUNE tunes for this op
@@ -455,8 +469,10 @@ def _rank(positives):
     order, sorted_positives = torch.empty_like(positives), torch.empty_like(positives)
     bounds = positives.new_empty((2, batch), dtype=torch.int32)
     config = launch_config("rank")
-    _rank_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](positives, order, sorted_positives, bounds, batch,
-                                                           **config)
+    _rank_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
+        positives_ptr=positives, order_ptr=order, sorted_positives_ptr=sorted_positives, bounds_ptr=bounds,
+        batch=batch, **config,
+    )
     return order, sorted_positives, bounds
 
 
@@ -469,10 +485,12 @@ def _prologue(user, items, codebooks, weights, order, sorted_positives, user_log
     log_p = torch.empty_like(log_q)
     scores = log_q.new_empty((2, batch))
     config = launch_config("mean_logits", device=items.device, batch=batch, codes=num_codes, dim=dim,
-                           wide=torch.float32 in (items.dtype, codebooks.dtype))
+                           wide=wide_operands(user, items, codebooks))
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
-        user, items, codebooks, weights, order, sorted_positives, log_q, log_p, scores,
-        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, weights_ptr=weights, order_ptr=order,
+        sorted_positives_ptr=sorted_positives, log_q_ptr=log_q, log_p_ptr=log_p, scores_ptr=scores,
+        batch=batch, num_items=items.shape[0], num_layers=num_layers, num_codes=num_codes, dim=dim,
+        inv_user_temperature=1.0 / user_temperature, inv_temperature=1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     return log_q, log_p, scores
@@ -486,10 +504,9 @@ def in_batch_mean_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the reduced loss, and for backward: order (B,), sorted positives (B,), bounds (2, B) int32,
     scores (2, B) (ps, ms by position), counts (B,) and total (); the counts 0 or 1 per row)."""
-    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0],
-                  wide=torch.float32 in (items.dtype, codebooks.dtype),
-                  run=lambda: _forward_backward(user, items, codebooks, positives, weights, user_logits, symmetric,
-                                                temperature, user_temperature, reduction))
+    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0], wide=wide_operands(user, items, codebooks),
+                  run=lambda: forward_backward(user, items, codebooks, positives, weights, user_logits, symmetric,
+                                               temperature, user_temperature, reduction))
     order, sorted_positives, bounds = _rank(positives)
     log_q, log_p, scores = _prologue(user, items, codebooks, weights, order, sorted_positives, user_logits,
                                      symmetric, temperature, user_temperature)
@@ -498,13 +515,16 @@ def in_batch_mean_op(
     chunks = triton.cdiv(num_features, config["BLOCK_F"])
     part = log_q.new_empty((chunks, batch))
     _mean_scores_kernel[(chunks,)](
-        log_q, log_p, torch.empty_like(log_q), torch.empty_like(log_q), bounds, weights, part,
-        batch, codebooks.shape[1], num_features, SYMMETRIC=symmetric, **config,
+        log_q_ptr=log_q, log_p_ptr=log_p, prefix_ptr=torch.empty_like(log_q), suffix_ptr=torch.empty_like(log_q),
+        bounds_ptr=bounds, weights_ptr=weights, part_ptr=part, batch=batch, num_codes=codebooks.shape[1],
+        num_features=num_features, SYMMETRIC=symmetric, **config,
     )
     loss = log_q.new_empty(positives.shape if reduction == "none" else ())
     counts, total = log_q.new_empty((batch,)), log_q.new_empty(())
-    _finish_kernel[(1,)](part, scores, bounds, order, loss, counts, total, batch, chunks, REDUCTION=reduction,
-                         **launch_config("reduce"))
+    _finish_kernel[(1,)](
+        part_ptr=part, scores_ptr=scores, bounds_ptr=bounds, order_ptr=order, loss_ptr=loss, counts_ptr=counts,
+        total_ptr=total, batch=batch, num_chunks=chunks, REDUCTION=reduction, **launch_config("reduce"),
+    )
     return loss, order, sorted_positives, bounds, scores, counts, total
 
 
@@ -532,36 +552,34 @@ def in_batch_mean_backward(
     groups = launch_config("groups", device=log_q.device, batch=batch)
     others, group_grad = torch.empty_like(log_q), torch.empty_like(log_q)
     _mean_grads_kernel[(triton.cdiv(num_features, groups["BLOCK_F"]),)](
-        log_q, log_p, others, group_grad, torch.empty_like(log_q), torch.empty_like(log_q), bounds, order, weights,
-        scores, grad_output, counts, total, batch, num_codes, num_features,
-        SYMMETRIC=symmetric, REDUCTION=reduction, **groups,
+        log_q_ptr=log_q, log_p_ptr=log_p, others_ptr=others, group_grad_ptr=group_grad,
+        prefix_ptr=torch.empty_like(log_q), suffix_ptr=torch.empty_like(log_q), bounds_ptr=bounds, order_ptr=order,
+        weights_ptr=weights, scores_ptr=scores, grad_ptr=grad_output, counts_ptr=counts, total_ptr=total,
+        batch=batch, num_codes=num_codes, num_features=num_features, SYMMETRIC=symmetric, REDUCTION=reduction,
+        **groups,
     )
     rows = launch_config("mean_grads", device=items.device, batch=batch, codes=num_codes, dim=dim,
-                         wide=torch.float32 in (items.dtype, codebooks.dtype))
+                         wide=wide_operands(user, items, codebooks))
     grad_user = torch.empty_like(user)
     item_row_grad = items.new_empty((batch, num_layers, dim), dtype=torch.float32)
     programs = plan_grid("mean_grads", rows, items.device, batch=batch, blocks_per_program=2 * num_layers)["programs"]
     codebook_part = codebooks.new_empty((programs, 1 if user_logits else 2, num_layers, num_codes, dim),
                                         dtype=torch.float32)
     _epilogue_kernel[(programs, num_layers, 2)](
-        user, items, codebooks, weights, log_q, log_p, others, group_grad, bounds, order, sorted_positives, scores,
-        grad_output, counts, total, grad_user, item_row_grad, codebook_part,
-        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, weights_ptr=weights, log_q_ptr=log_q,
+        log_p_ptr=log_p, others_ptr=others, group_grad_ptr=group_grad, bounds_ptr=bounds, order_ptr=order,
+        sorted_positives_ptr=sorted_positives, scores_ptr=scores, grad_ptr=grad_output, counts_ptr=counts,
+        total_ptr=total, grad_user_ptr=grad_user, item_row_grad_ptr=item_row_grad, codebook_part_ptr=codebook_part,
+        batch=batch, num_items=items.shape[0], num_layers=num_layers, num_codes=num_codes, dim=dim,
+        inv_user_temperature=1.0 / user_temperature, inv_temperature=1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **rows,
     )
     grad_items = sum_rows_by_sorted_index(item_row_grad, sorted_positives, None, items.shape[0], items.dtype)
     return grad_user, grad_items, sum_partials(codebook_part.flatten(0, 1), codebooks.dtype)
 
 
-def _forward_backward(user, items, codebooks, positives, weights, *options):
-    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
-    _, *saved = in_batch_mean_op(user, items, codebooks, positives, weights, *options)
-    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
-    return in_batch_mean_backward(grad_output, user, items, codebooks, positives, weights, *saved, *options)
-
-
 # Saved: user, items, codebooks, positives, weights; gradients for the first three.
-register_backward(in_batch_mean_op, in_batch_mean_backward, saved_inputs=5, grads=3)
+forward_backward = register_backward(in_batch_mean_op, in_batch_mean_backward, saved_inputs=5, grads=3)
 
 
 def in_batch_mean(user, items, codebooks, positives, *, user_logits, symmetric, temperature, user_temperature,

@@ -21,7 +21,7 @@ Forward (3 launches): ``_prologue_kernel`` writes A, Bm (B, F) in the operand dt
 distribution's log-sum-exp; ``_forward_kernel`` streams the tiles of S, each program a strided
 set of row blocks against a split of the column tiles, reducing softplus terms per row
 ("items") into per-split partials and per column ("users") into per-program partials, with the
-valid counts (every buffer O(B)); ``_finish_kernel`` adds the partials in a fixed order and
+valid counts (every buffer O(B)); ``finish`` (common) adds the partials in a fixed order and
 applies the reduction. Saved for backward: the inputs, the counts T_b and their total: O(B).
 
 Backward (5 launches). With g_b = dLoss/dt_b (``row_scale``), dLoss/dS off the diagonal is
@@ -52,7 +52,7 @@ only) and the items (r = P, X1 = r, X2 = log r, bias = -w r . log r):
 
 (d(-r log r)/dlog r = -r (log r + 1): the -r is a multiple of r, which the log-softmax backward
 removes, so it is dropped.) Then the logit gradient dz = dlog r - r sum_k dlog r_k (two passes
-over K tiles) goes onto the residuals and the codebook by ``project_logit_grad``, or is the
+over K tiles, ``log_softmax_backward_tile``) goes onto the residuals and the codebook, or is the
 user gradient itself for ``user_logits=True``.
 """
 
@@ -67,41 +67,41 @@ from .common import (
     LOGIT_PRECISION,
     SCORE_PRECISION,
     clamp_rows,
+    code_tile,
+    finish,
     layer_log_probs,
     layer_weight,
     load_rows,
-    log_sum_exp,
+    log_softmax_backward_tile,
     mma,
     operand_dtype,
-    project_logit_grad,
+    row_scale,
     sigmoid,
     softplus,
-    store_reduction,
+    store_rows,
     sum_partials,
     sum_rows_by_index,
+    user_item_log_probs,
+    user_item_log_sum_exps,
+    wide_operands,
 )
 from .launch import launch_config, plan_grid, tune_if_asked
 
 # Loss terms a valid (b, m) pair contributes in each in_batch mode (its item side, its user side or
-# both): the count T_b that the mean divides by is this times the row's valid pairs; it is
-# ``_finish_kernel``'s ``pair_terms``.
+# both): the count T_b that the mean divides by is this times the row's valid pairs (``finish``'s
+# ``count_scale``).
 TERMS_PER_PAIR = {"items": 1, "users": 1, "both": 2}
 
 
 @triton.jit
-def row_scale(grad_ptr, counts_ptr, total_ptr, rows, row_mask, REDUCTION: tl.constexpr):
-    """g_b = dLoss/dt_b for rows (BLOCK,): dLoss/dloss scaled by the reduction; 0 on masked rows.
-
-    grad_ptr: () or, for "none", (B,) float32; counts_ptr: (B,) T_b; total_ptr: () sum_b T_b.
-    """
-    if REDUCTION == "none":
-        grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)
-        scale = grad / tl.maximum(tl.load(counts_ptr + rows, mask=row_mask, other=1.0), 1.0)
-    elif REDUCTION == "mean":
-        scale = tl.load(grad_ptr) / tl.maximum(tl.load(total_ptr), 1.0) + tl.zeros(rows.shape, tl.float32)
-    else:
-        scale = tl.load(grad_ptr) + tl.zeros(rows.shape, tl.float32)
-    return tl.where(row_mask, scale, 0.0)
+def _store_operands(a_ptr, bm_ptr, offsets, a_values, bm_values, mask):
+    """One (rows, codes) tile of A and of Bm stored at offsets, each rounded to its operand dtype;
+    returns the tile's share of the diagonal, sum over the codes of A Bm from the rounded values."""
+    a_values = a_values.to(a_ptr.dtype.element_ty)
+    bm_values = bm_values.to(bm_ptr.dtype.element_ty)
+    tl.store(a_ptr + offsets, a_values, mask=mask)
+    tl.store(bm_ptr + offsets, bm_values, mask=mask)
+    return tl.sum(a_values.to(tl.float32) * bm_values.to(tl.float32), axis=1)
 
 
 @triton.jit
@@ -125,46 +125,33 @@ def _prologue_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
     item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
-    user_width = num_codes if USER_LOGITS else dim
-    num_features = num_layers * num_codes * (2 if SYMMETRIC else 1)
+    half = num_layers * num_codes
+    num_features = half * (2 if SYMMETRIC else 1)
+    codebook_shape = (num_layers, num_codes, dim)
+    sides, inv_temperatures = (user_ptr, items_ptr), (inv_user_temperature, inv_temperature)
     row_bias = tl.zeros((BLOCK_R,), tl.float32)
     col_bias = tl.zeros((BLOCK_R,), tl.float32)
     diag = tl.zeros((BLOCK_R,), tl.float32)
     for layer in range(0, num_layers):
         weight = layer_weight(weights_ptr, layer)
-        user_layer = user_ptr + layer * user_width
-        item_layer = items_ptr + layer * dim
-        codebook = codebooks_ptr + layer * num_codes * dim
-        lse_q = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
-                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        lse_p = log_sum_exp(item_layer, num_layers * dim, item_rows, row_mask, codebook, num_codes, dim,
-                            inv_temperature, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_q, lse_p = user_item_log_sum_exps(
+            sides, rows, item_rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperatures,
+            USER_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         tl.store(lse_ptr + rows * num_layers + layer, lse_q, mask=row_mask)
         tl.store(lse_ptr + (batch + rows) * num_layers + layer, lse_p, mask=row_mask)
         for k_start in range(0, num_codes, BLOCK_K):
-            codes = k_start + tl.arange(0, BLOCK_K)
-            code_mask = codes < num_codes
-            tile_mask = row_mask[:, None] & code_mask[None, :]
-            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
-                                    dim, inv_user_temperature, lse_q, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            log_p = layer_log_probs(item_layer, num_layers * dim, item_rows, row_mask, codebook, codes, code_mask, dim,
-                                    inv_temperature, lse_p, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            q = tl.where(tile_mask, tl.exp(log_q), 0.0)
-            p = tl.where(tile_mask, tl.exp(log_p), 0.0)
-            feature = layer * num_codes + codes[None, :]
-            first_a = (weight * log_q).to(a_ptr.dtype.element_ty)
-            first_bm = p.to(bm_ptr.dtype.element_ty)
-            tl.store(a_ptr + rows[:, None] * num_features + feature, first_a, mask=tile_mask)
-            tl.store(bm_ptr + rows[:, None] * num_features + feature, first_bm, mask=tile_mask)
-            diag += tl.sum(first_a.to(tl.float32) * first_bm.to(tl.float32), axis=1)
+            codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+            log_q, q, log_p, p = user_item_log_probs(
+                sides, rows, item_rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask,
+                inv_temperatures, lse_q, lse_p, USER_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+                BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            )
+            offsets = rows[:, None] * num_features + layer * num_codes + codes[None, :]
+            diag += _store_operands(a_ptr, bm_ptr, offsets, weight * log_q, p, tile_mask)
             col_bias -= weight * tl.sum(p * log_p, axis=1)
             if SYMMETRIC:
-                second = num_layers * num_codes + feature
-                second_a = (weight * q).to(a_ptr.dtype.element_ty)
-                second_bm = log_p.to(bm_ptr.dtype.element_ty)
-                tl.store(a_ptr + rows[:, None] * num_features + second, second_a, mask=tile_mask)
-                tl.store(bm_ptr + rows[:, None] * num_features + second, second_bm, mask=tile_mask)
-                diag += tl.sum(second_a.to(tl.float32) * second_bm.to(tl.float32), axis=1)
+                diag += _store_operands(a_ptr, bm_ptr, offsets + half, weight * q, log_p, tile_mask)
                 row_bias -= weight * tl.sum(q * log_q, axis=1)
     positive = tl.load(positives_ptr + rows, mask=row_mask, other=0)  # read again: nothing kept across the loop
     col_bias = tl.where((positive >= 0) & (positive < num_items), col_bias, float("nan"))
@@ -231,8 +218,9 @@ def _forward_kernel(
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < batch
             col_pos = tl.load(positives_ptr + cols, mask=col_mask, other=-2).to(tl.int32)
-            scores = _score_tile(a_ptr, bm_ptr, row_start, tile * BLOCK_N, batch, num_features,
-                                 BLOCK_M, BLOCK_N, BLOCK_F, PRECISION)
+            scores = _score_tile(a_ptr, bm_ptr, own_start=row_start, other_start=tile * BLOCK_N, batch=batch,
+                                 num_features=num_features, BLOCK_O=BLOCK_M, BLOCK_X=BLOCK_N, BLOCK_F=BLOCK_F,
+                                 PRECISION=PRECISION)
             scores += row_bias[:, None] + tl.load(cb_ptr + cols, mask=col_mask, other=0.0)[None, :]
             valid = row_pos[:, None] != col_pos[None, :]  # padding rows and columns hold -1 and -2
             valid = valid & row_mask[:, None] & col_mask[None, :]
@@ -249,38 +237,6 @@ def _forward_kernel(
             tl.store(item_part_ptr + split * batch + rows, row_terms, mask=row_mask)
         tl.store(count_part_ptr + split * batch + rows, row_count, mask=row_mask)
         tl.debug_barrier()  # the next row block adds to these column sums, possibly in other threads
-
-
-@triton.jit
-def _finish_kernel(
-    item_part_ptr, user_part_ptr, count_part_ptr, loss_ptr, counts_ptr, total_ptr,
-    batch, num_splits, num_row_programs, pair_terms,
-    ITEMS: tl.constexpr, USERS: tl.constexpr, REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program: per row t_b and T_b = pair_terms * (valid count) from the partials, added in a
-    fixed order; counts_ptr (B,) <- T_b, total_ptr () <- sum_b T_b, loss_ptr () <- the mean over
-    all terms or their sum, or (B,) <- t_b / max(T_b, 1) for "none"."""
-    term_sum = tl.zeros((BLOCK,), tl.float32)
-    count_sum = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, batch, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        row_mask = rows < batch
-        terms = tl.zeros((BLOCK,), tl.float32)
-        count = tl.zeros((BLOCK,), tl.float32)
-        for split in range(0, num_splits):
-            count += tl.load(count_part_ptr + split * batch + rows, mask=row_mask, other=0.0)
-            if ITEMS:
-                terms += tl.load(item_part_ptr + split * batch + rows, mask=row_mask, other=0.0)
-        if USERS:
-            for program in range(0, num_row_programs):
-                terms += tl.load(user_part_ptr + program * batch + rows, mask=row_mask, other=0.0)
-        count *= pair_terms
-        tl.store(counts_ptr + rows, count, mask=row_mask)
-        if REDUCTION == "none":
-            tl.store(loss_ptr + rows, terms / tl.maximum(count, 1.0), mask=row_mask)
-        term_sum += terms
-        count_sum += count
-    store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION)
 
 
 @triton.jit
@@ -323,8 +279,9 @@ def _stream_other_side(
         other = other_start + tl.arange(0, BLOCK_X)
         other_mask = other < batch
         other_pos = tl.load(positives_ptr + other, mask=other_mask, other=-2).to(tl.int32)
-        scores = _score_tile(own_ptr, other_ptr, own_start, other_start, batch, num_features,
-                             BLOCK_O, BLOCK_X, BLOCK_F, PRECISION)
+        scores = _score_tile(own_ptr, other_ptr, own_start=own_start, other_start=other_start, batch=batch,
+                             num_features=num_features, BLOCK_O=BLOCK_O, BLOCK_X=BLOCK_X, BLOCK_F=BLOCK_F,
+                             PRECISION=PRECISION)
         scores += own_bias[:, None] + tl.load(other_bias_ptr + other, mask=other_mask, other=0.0)[None, :]
         valid = (own_pos[:, None] != other_pos[None, :]) & own_mask[:, None] & other_mask[None, :]
         coeff = tl.zeros((BLOCK_O, BLOCK_X), tl.float32)
@@ -370,19 +327,28 @@ def _backward_kernel(
     """
     block = tl.program_id(0)
     if block < num_row_blocks:
-        _stream_other_side(a_ptr, bm_ptr, rb_ptr, cb_ptr, diag_ptr, positives_ptr, grad_ptr, counts_ptr, total_ptr,
-                           grad_a_ptr, sums_ptr, diag_parts_ptr, block, batch, num_features,
-                           ITEMS, USERS, REDUCTION, BLOCK_M, BLOCK_N, BLOCK_F, BLOCK_G, PRECISION)
+        _stream_other_side(
+            own_ptr=a_ptr, other_ptr=bm_ptr, own_bias_ptr=rb_ptr, other_bias_ptr=cb_ptr, diag_ptr=diag_ptr,
+            positives_ptr=positives_ptr, grad_ptr=grad_ptr, counts_ptr=counts_ptr, total_ptr=total_ptr,
+            grad_own_ptr=grad_a_ptr, own_sum_ptr=sums_ptr, own_diag_ptr=diag_parts_ptr, block=block, batch=batch,
+            num_features=num_features, OWN_TERMS=ITEMS, OTHER_TERMS=USERS, REDUCTION=REDUCTION,
+            BLOCK_O=BLOCK_M, BLOCK_X=BLOCK_N, BLOCK_F=BLOCK_F, BLOCK_G=BLOCK_G, PRECISION=PRECISION,
+        )
     else:
-        _stream_other_side(bm_ptr, a_ptr, cb_ptr, rb_ptr, diag_ptr, positives_ptr, grad_ptr, counts_ptr, total_ptr,
-                           grad_bm_ptr, sums_ptr + batch, diag_parts_ptr + batch, block - num_row_blocks, batch,
-                           num_features, USERS, ITEMS, REDUCTION, BLOCK_M, BLOCK_N, BLOCK_F, BLOCK_G, PRECISION)
+        _stream_other_side(
+            own_ptr=bm_ptr, other_ptr=a_ptr, own_bias_ptr=cb_ptr, other_bias_ptr=rb_ptr, diag_ptr=diag_ptr,
+            positives_ptr=positives_ptr, grad_ptr=grad_ptr, counts_ptr=counts_ptr, total_ptr=total_ptr,
+            grad_own_ptr=grad_bm_ptr, own_sum_ptr=sums_ptr + batch, own_diag_ptr=diag_parts_ptr + batch,
+            block=block - num_row_blocks, batch=batch, num_features=num_features, OWN_TERMS=USERS,
+            OTHER_TERMS=ITEMS, REDUCTION=REDUCTION, BLOCK_O=BLOCK_M, BLOCK_X=BLOCK_N, BLOCK_F=BLOCK_F,
+            BLOCK_G=BLOCK_G, PRECISION=PRECISION,
+        )
 
 
 @triton.jit
 def _epilogue_side(
     src_ptr, rows, row_mask, src_rows, codebooks_ptr, weight, lse, own_grad_ptr, partner_ptr, grad_diag, bias_grad,
-    grad_out_ptr, codebook_part_ptr, part, accumulate, layer, num_layers, num_codes, dim, inv_temperature,
+    grad_out_ptr, partial_ptr, first_block, layer, num_layers, num_codes, dim, inv_temperature,
     IS_USER: tl.constexpr, FROM_LOGITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -393,27 +359,25 @@ def _epilogue_side(
     (B, F) this side's operand gradient and the other side's operands (for the diagonal's terms);
     grad_diag, bias_grad (BLOCK_R,) dS[b, b] and the side's full bias gradient. Writes
     grad_out_ptr: the side's gradient rows (B, L, d) (or dz (B, L, K) when FROM_LOGITS) and,
-    for residuals, adds to (``accumulate``) or sets codebook_part_ptr[part, layer] (K, d) float32.
+    for residuals, sets (``first_block``) or adds to the program's codebook partial of the layer,
+    partial_ptr (K, d) float32 (``log_softmax_backward_tile``).
     """
-    width = num_codes if FROM_LOGITS else dim
-    src_layer = src_ptr + layer * width
-    row_stride = num_layers * width
-    codebook = codebooks_ptr + layer * num_codes * dim
     half = num_layers * num_codes
     num_features = half * (2 if SYMMETRIC else 1)
+    codebook_shape = (num_layers, num_codes, dim)
     grad_log_sum = tl.zeros((BLOCK_R,), tl.float32)
     grad_rows = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
-    offs_d = tl.arange(0, BLOCK_DIM)
-    if not FROM_LOGITS:
-        x = load_rows(src_layer, row_stride, src_rows, row_mask, dim, BLOCK_DIM)
+    if FROM_LOGITS:
+        x = None
+    else:
+        x = load_rows(src_ptr + layer * dim, num_layers * dim, src_rows, row_mask, dim, BLOCK_DIM)
     for step in range(0, 2):  # 0: sum_k dlog r_k; 1: dz = dlog r - r sum_k dlog r_k, projected
         for k_start in range(0, num_codes, BLOCK_K):
-            codes = k_start + tl.arange(0, BLOCK_K)
-            code_mask = codes < num_codes
-            tile_mask = row_mask[:, None] & code_mask[None, :]
-            log_r = layer_log_probs(src_layer, row_stride, src_rows, row_mask, codebook, codes, code_mask, dim,
-                                    inv_temperature, lse, FROM_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            r = tl.where(tile_mask, tl.exp(log_r), 0.0)
+            codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+            log_r, r = layer_log_probs(
+                src_ptr, src_rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
+                lse, FROM_LOGITS=FROM_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            )
             first = rows[:, None] * num_features + layer * num_codes + codes[None, :]
             g1 = tl.load(own_grad_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)
             g1 += grad_diag[:, None] * tl.load(partner_ptr + first, mask=tile_mask, other=0.0).to(tl.float32)
@@ -430,29 +394,13 @@ def _epilogue_side(
                     grad_log += weight * r * g2
                 else:
                     grad_log += g2
-            grad_log = tl.where(tile_mask, grad_log, 0.0)
-            if step == 0:
-                grad_log_sum += tl.sum(grad_log, axis=1)
-            else:
-                grad_logits = tl.where(tile_mask, grad_log - r * grad_log_sum[:, None], 0.0)
-                if FROM_LOGITS:
-                    out = grad_out_ptr + rows[:, None] * row_stride + layer * num_codes + codes[None, :]
-                    tl.store(out, grad_logits.to(grad_out_ptr.dtype.element_ty), mask=tile_mask)
-                else:
-                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
-                    grad_x, grad_c = project_logit_grad(grad_logits, x, c, PRECISION)
-                    grad_rows += grad_x
-                    part_layer = codebook_part_ptr + (part.to(tl.int64) * num_layers + layer) * num_codes * dim
-                    part_tile = part_layer + codes[:, None] * dim + offs_d[None, :]
-                    part_mask = code_mask[:, None] & (offs_d < dim)[None, :]
-                    grad_c = 2.0 * inv_temperature * grad_c
-                    if accumulate:
-                        grad_c += tl.load(part_tile, mask=part_mask, other=0.0)
-                    tl.store(part_tile, grad_c, mask=part_mask)
+            grad_log_sum, grad_rows = log_softmax_backward_tile(
+                step, grad_log, r, tile_mask, grad_log_sum, grad_rows, x, codebooks_ptr, codebook_shape, layer, codes,
+                code_mask, partial_ptr, first_block, scale=2.0 * inv_temperature, out_ptr=grad_out_ptr, out_rows=rows,
+                FROM_LOGITS=FROM_LOGITS, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+            )
     if not FROM_LOGITS:
-        out = grad_out_ptr + rows[:, None] * row_stride + layer * dim + offs_d[None, :]
-        tl.store(out, (2.0 * inv_temperature * grad_rows).to(grad_out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (offs_d < dim)[None, :])
+        store_rows(grad_out_ptr + layer * dim, num_layers * dim, rows, row_mask, dim, grad_rows)
 
 
 @triton.jit
@@ -471,35 +419,38 @@ def _epilogue_kernel(
     Inputs as the prologue and the backward kernel write them. Writes grad_user_ptr: (B, L, d) in
     the user's dtype, or (B, L, K) for USER_LOGITS; item_row_grad_ptr: (B, L, d) float32, the
     gradient of row b's positive (summed over repeated positives afterwards); codebook_part_ptr:
-    (sides with residuals, P, L, K, d) float32.
+    (sides with residuals, P, L, K, d) float32, the users' partials first.
     """
-    program, layer = tl.program_id(0), tl.program_id(1)
+    program, layer, side = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     weight = layer_weight(weights_ptr, layer)
+    part_index = program if USER_LOGITS else side * tl.num_programs(0) + program
+    partial_ptr = codebook_part_ptr + (part_index.to(tl.int64) * num_layers + layer) * num_codes * dim
     for block in range(program, tl.cdiv(batch, BLOCK_R), tl.num_programs(0)):
         rows = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_mask = rows < batch
         grad_diag = -(tl.load(diag_parts_ptr + rows, mask=row_mask, other=0.0)
                       + tl.load(diag_parts_ptr + batch + rows, mask=row_mask, other=0.0))
-        accumulate = block != program
-        if tl.program_id(2) == 0:
-            lse = tl.load(lse_ptr + rows * num_layers + layer, mask=row_mask, other=0.0)
-            bias_grad = tl.load(sums_ptr + rows, mask=row_mask, other=0.0) + grad_diag
-            _epilogue_side(user_ptr, rows, row_mask, rows, codebooks_ptr, weight, lse, grad_a_ptr, bm_ptr, grad_diag,
-                           bias_grad, grad_user_ptr, codebook_part_ptr, program, accumulate, layer, num_layers,
-                           num_codes, dim, inv_user_temperature, True, USER_LOGITS, SYMMETRIC, BLOCK_R, BLOCK_K,
-                           BLOCK_D, BLOCK_DIM, PRECISION)
+        lse = tl.load(lse_ptr + (side * batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
+        bias_grad = tl.load(sums_ptr + side * batch + rows, mask=row_mask, other=0.0) + grad_diag
+        if side == 0:
+            _epilogue_side(
+                src_ptr=user_ptr, rows=rows, row_mask=row_mask, src_rows=rows, codebooks_ptr=codebooks_ptr,
+                weight=weight, lse=lse, own_grad_ptr=grad_a_ptr, partner_ptr=bm_ptr, grad_diag=grad_diag,
+                bias_grad=bias_grad, grad_out_ptr=grad_user_ptr, partial_ptr=partial_ptr,
+                first_block=block == program, layer=layer, num_layers=num_layers, num_codes=num_codes, dim=dim,
+                inv_temperature=inv_user_temperature, IS_USER=True, FROM_LOGITS=USER_LOGITS, SYMMETRIC=SYMMETRIC,
+                BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+            )
         else:
-            lse = tl.load(lse_ptr + (batch + rows) * num_layers + layer, mask=row_mask, other=0.0)
-            bias_grad = tl.load(sums_ptr + batch + rows, mask=row_mask, other=0.0) + grad_diag
             item_rows = clamp_rows(tl.load(positives_ptr + rows, mask=row_mask, other=0), num_items)
-            if USER_LOGITS:
-                part = program
-            else:
-                part = program + tl.num_programs(0)
-            _epilogue_side(items_ptr, rows, row_mask, item_rows, codebooks_ptr, weight, lse, grad_bm_ptr, a_ptr,
-                           grad_diag, bias_grad, item_row_grad_ptr, codebook_part_ptr, part, accumulate, layer,
-                           num_layers, num_codes, dim, inv_temperature, False, False, SYMMETRIC, BLOCK_R, BLOCK_K,
-                           BLOCK_D, BLOCK_DIM, PRECISION)
+            _epilogue_side(
+                src_ptr=items_ptr, rows=rows, row_mask=row_mask, src_rows=item_rows, codebooks_ptr=codebooks_ptr,
+                weight=weight, lse=lse, own_grad_ptr=grad_bm_ptr, partner_ptr=a_ptr, grad_diag=grad_diag,
+                bias_grad=bias_grad, grad_out_ptr=item_row_grad_ptr, partial_ptr=partial_ptr,
+                first_block=block == program, layer=layer, num_layers=num_layers, num_codes=num_codes, dim=dim,
+                inv_temperature=inv_temperature, IS_USER=False, FROM_LOGITS=False, SYMMETRIC=SYMMETRIC,
+                BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+            )
         tl.debug_barrier()  # this block's partial stores are seen by every thread of the next block
 
 
@@ -508,16 +459,17 @@ def _operands(user, items, codebooks, positives, weights, user_logits, symmetric
     batch = positives.shape[0]
     num_layers, num_codes, dim = codebooks.shape
     features = num_layers * num_codes * (2 if symmetric else 1)
-    dtype = operand_dtype(torch.promote_types(user.dtype, items.dtype))
-    a = torch.empty((batch, features), dtype=dtype, device=user.device)
+    wide = wide_operands(user, items, codebooks)
+    a = torch.empty((batch, features), dtype=operand_dtype(wide), device=user.device)
     bm = torch.empty_like(a)
     rb, cb, diag = (torch.empty(batch, dtype=torch.float32, device=user.device) for _ in range(3))
     lse = torch.empty((2, batch, num_layers), dtype=torch.float32, device=user.device)
-    config = launch_config("prologue", device=user.device, batch=batch, codes=num_codes, dim=dim,
-                           wide=dtype == torch.float32)
+    config = launch_config("prologue", device=user.device, batch=batch, codes=num_codes, dim=dim, wide=wide)
     _prologue_kernel[(triton.cdiv(batch, config["BLOCK_R"]),)](
-        user, items, codebooks, positives, weights, a, bm, rb, cb, diag, lse,
-        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, positives_ptr=positives, weights_ptr=weights,
+        a_ptr=a, bm_ptr=bm, rb_ptr=rb, cb_ptr=cb, diag_ptr=diag, lse_ptr=lse,
+        batch=batch, num_items=items.shape[0], num_layers=num_layers, num_codes=num_codes, dim=dim,
+        inv_user_temperature=1.0 / user_temperature, inv_temperature=1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
     )
     return a, bm, rb, cb, diag, lse
@@ -533,30 +485,27 @@ def in_batch_pairs_op(
     in_batch: str, user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the reduced loss, T_b (B,) and sum_b T_b (), float32; the counts are kept for backward)."""
-    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0],
-                  wide=operand_dtype(torch.promote_types(user.dtype, items.dtype)) == torch.float32,
-                  run=lambda: _forward_backward(user, items, codebooks, positives, weights, in_batch, user_logits,
-                                                symmetric, temperature, user_temperature, reduction))
+    tune_if_asked(FAMILIES, device=user.device, batch=positives.shape[0], wide=wide_operands(user, items, codebooks),
+                  run=lambda: forward_backward(user, items, codebooks, positives, weights, in_batch, user_logits,
+                                               symmetric, temperature, user_temperature, reduction))
     a, bm, rb, cb, diag, _ = _operands(user, items, codebooks, positives, weights, user_logits, symmetric,
                                        temperature, user_temperature)
     batch, features = a.shape
     config = launch_config("scores", device=a.device, batch=batch, wide=a.dtype == torch.float32)
     grid = plan_grid("scores", config, a.device, batch=batch)
-    row_programs, per_split, splits = grid["row_programs"], grid["tiles_per_split"], grid["splits"]
+    row_programs, splits = grid["row_programs"], grid["splits"]
     items_on, users_on = in_batch in ("items", "both"), in_batch in ("users", "both")
-    item_part = a.new_empty((splits, batch), dtype=torch.float32)
-    count_part = torch.empty_like(item_part)
-    user_part = a.new_empty((row_programs, batch), dtype=torch.float32)
+    # The rows' term sums: the splits' "items" partials, then the row programs' "users" partials.
+    term_part = a.new_empty((splits + row_programs, batch), dtype=torch.float32)
+    count_part = a.new_empty((splits, batch), dtype=torch.float32)
     _forward_kernel[(row_programs, splits)](
-        a, bm, rb, cb, diag, positives, item_part, user_part, count_part, batch, features, per_split,
+        a_ptr=a, bm_ptr=bm, rb_ptr=rb, cb_ptr=cb, diag_ptr=diag, positives_ptr=positives,
+        item_part_ptr=term_part, user_part_ptr=term_part[splits:], count_part_ptr=count_part,
+        batch=batch, num_features=features, tiles_per_split=grid["tiles_per_split"],
         ITEMS=items_on, USERS=users_on, PRECISION=SCORE_PRECISION, **config,
     )
-    loss = a.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
-    counts, total = torch.empty_like(rb), rb.new_empty(())
-    _finish_kernel[(1,)](
-        item_part, user_part, count_part, loss, counts, total, batch, splits, row_programs,
-        TERMS_PER_PAIR[in_batch], ITEMS=items_on, USERS=users_on, REDUCTION=reduction, **launch_config("reduce"),
-    )
+    terms = term_part[0 if items_on else splits:splits + row_programs if users_on else splits]
+    loss, counts, total, _ = finish(terms, count_part, reduction, count_scale=TERMS_PER_PAIR[in_batch])
     return loss, counts, total
 
 
@@ -578,28 +527,31 @@ def in_batch_pairs_backward(
                                          temperature, user_temperature)
     batch, features = a.shape
     num_layers, num_codes, dim = codebooks.shape
-    grad_output = grad_output.float().contiguous()
-    grads = launch_config("grads", device=a.device, batch=batch, wide=a.dtype == torch.float32)
+    wide = a.dtype == torch.float32
+    grads = launch_config("grads", device=a.device, batch=batch, wide=wide)
     row_blocks = triton.cdiv(batch, grads["BLOCK_M"])
     grad_a = torch.empty((batch, features), dtype=torch.float32, device=a.device)
     grad_bm = torch.empty_like(grad_a)
     sums, diag_parts = rb.new_empty((2, batch)), rb.new_empty((2, batch))
     _backward_kernel[(2 * row_blocks,)](
-        a, bm, rb, cb, diag, positives, grad_output, counts, total, grad_a, grad_bm, sums, diag_parts,
-        batch, features, row_blocks, ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"),
+        a_ptr=a, bm_ptr=bm, rb_ptr=rb, cb_ptr=cb, diag_ptr=diag, positives_ptr=positives,
+        grad_ptr=grad_output.float().contiguous(), counts_ptr=counts, total_ptr=total, grad_a_ptr=grad_a,
+        grad_bm_ptr=grad_bm, sums_ptr=sums, diag_parts_ptr=diag_parts, batch=batch, num_features=features,
+        num_row_blocks=row_blocks, ITEMS=in_batch in ("items", "both"), USERS=in_batch in ("users", "both"),
         REDUCTION=reduction, PRECISION=SCORE_PRECISION, **grads,
     )
-    rows = launch_config("epilogue", device=a.device, batch=batch, codes=num_codes, dim=dim,
-                         wide=a.dtype == torch.float32)
+    rows = launch_config("epilogue", device=a.device, batch=batch, codes=num_codes, dim=dim, wide=wide)
     programs = plan_grid("epilogue", rows, a.device, batch=batch, blocks_per_program=2 * num_layers)["programs"]
     grad_user = torch.empty(user.shape, dtype=user.dtype, device=user.device)
     item_row_grad = torch.empty((batch, num_layers, dim), dtype=torch.float32, device=items.device)
     codebook_part = torch.empty((1 if user_logits else 2, programs, num_layers, num_codes, dim),
                                 dtype=torch.float32, device=items.device)
     _epilogue_kernel[(programs, num_layers, 2)](
-        user, items, codebooks, positives, weights, lse, a, bm, grad_a, grad_bm, sums, diag_parts,
-        grad_user, item_row_grad, codebook_part,
-        batch, items.shape[0], num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, positives_ptr=positives, weights_ptr=weights,
+        lse_ptr=lse, a_ptr=a, bm_ptr=bm, grad_a_ptr=grad_a, grad_bm_ptr=grad_bm, sums_ptr=sums,
+        diag_parts_ptr=diag_parts, grad_user_ptr=grad_user, item_row_grad_ptr=item_row_grad,
+        codebook_part_ptr=codebook_part, batch=batch, num_items=items.shape[0], num_layers=num_layers,
+        num_codes=num_codes, dim=dim, inv_user_temperature=1.0 / user_temperature, inv_temperature=1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **rows,
     )
     grad_items = sum_rows_by_index(item_row_grad, positives, items.shape[0], items.dtype)
@@ -607,15 +559,8 @@ def in_batch_pairs_backward(
     return grad_user, grad_items, grad_codebooks
 
 
-def _forward_backward(user, items, codebooks, positives, weights, *options):
-    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
-    _, counts, total = in_batch_pairs_op(user, items, codebooks, positives, weights, *options)
-    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
-    return in_batch_pairs_backward(grad_output, user, items, codebooks, positives, weights, counts, total, *options)
-
-
 # Saved: user, items, codebooks, positives, weights (and the counts); gradients for the first three.
-register_backward(in_batch_pairs_op, in_batch_pairs_backward, saved_inputs=5, grads=3)
+forward_backward = register_backward(in_batch_pairs_op, in_batch_pairs_backward, saved_inputs=5, grads=3)
 
 
 def in_batch_pairs(user, items, codebooks, positives, *, in_batch, user_logits, symmetric, temperature,

@@ -63,6 +63,11 @@ TABLE_FORMAT = 1
 BUCKETS = (("B<=1024", 1024), ("B<=4096", 4096), ("B>4096", None))  # (name, largest batch), in order
 OPERANDS = ("16bit", "fp32")
 DEFAULT_SMS = 132  # H100 SXM: the SM count assumed where no GPU is asked (the static report, on a CPU)
+PROGRAMS_PER_SM = 4  # what ``plan_grid`` aims for: enough programs to hide one another's latency
+# Register budgets of the gradient tiles, in float32 elements: a (rows, d) or (codes, d) tile of
+# the epilogues; the sampled backward's on-chip codebook partial (codes x BLOCK_G), by operands.
+GRADIENT_TILE_ELEMENTS = 4096
+SAMPLE_PARTIAL_ELEMENTS = {"16bit": 8192, "fp32": 2048}
 
 
 class LaunchTableError(ValueError):
@@ -91,11 +96,11 @@ def _logit_tiles(caps: dict, sizes: dict) -> dict:
 
 def _gradient_tiles(caps: dict, sizes: dict) -> dict:
     """Logit gradients taken onto residuals and codewords: (rows, d) and (codes, d) tiles with d
-    whole (BLOCK_DIM), each kept near 4K float32 elements; and BLOCK_D for the logits' recompute."""
+    whole (BLOCK_DIM), each within GRADIENT_TILE_ELEMENTS; and BLOCK_D for the logits' recompute."""
     block_dim = _pow2(sizes["dim"])
     return dict(
-        BLOCK_R=max(16, min(caps["R"], 4096 // block_dim)),
-        BLOCK_K=max(16, min(_pow2(sizes["codes"], high=caps["K"]), 4096 // block_dim)),
+        BLOCK_R=max(16, min(caps["R"], GRADIENT_TILE_ELEMENTS // block_dim)),
+        BLOCK_K=max(16, min(_pow2(sizes["codes"], high=caps["K"]), GRADIENT_TILE_ELEMENTS // block_dim)),
         BLOCK_D=min(block_dim, 32 if sizes["wide"] else 64),
         BLOCK_DIM=block_dim,
     )
@@ -103,10 +108,10 @@ def _gradient_tiles(caps: dict, sizes: dict) -> dict:
 
 def _sample_gradient_tiles(caps: dict, sizes: dict) -> dict:
     """Sampled backward: d's projections in BLOCK_G chunks, the codebook partial (codes, BLOCK_G)
-    and gradient rows (rows, BLOCK_G) on chip, codes x BLOCK_G within 8K elements (2K for fp32)."""
+    and gradient rows (rows, BLOCK_G) on chip, codes x BLOCK_G within SAMPLE_PARTIAL_ELEMENTS."""
     block_dim = _pow2(sizes["dim"])
     block_g = min(block_dim, caps["G"])
-    budget = 2048 if sizes["wide"] else 8192
+    budget = SAMPLE_PARTIAL_ELEMENTS[operands_of(sizes["wide"])]
     return dict(_logit_tiles(dict(caps, K=max(16, min(caps["K"], budget // block_g))), sizes), BLOCK_G=block_g)
 
 
@@ -279,7 +284,8 @@ FAMILIES: dict[str, Family] = {
         _without(_gradient_tiles, "BLOCK_D"),
         {
             "16bit": ("R16 K32 w4 s2", "R16 K16 w4 s2", "R16 K32 w8 s3"),  # dropped (spills): R32 K32 w8 s2
-            "fp32": ("R16 K32 w8 s2", "R16 K16 w4 s2", "R16 K16 w8 s2"),  # dropped (spills): R32 K32 w8 s2
+            # dropped (spills): R32 K32 w8 s2; R16 K16 w4 s2 (48 B once the partial is read after the products)
+            "fp32": ("R16 K32 w8 s2", "R16 K16 w8 s2"),
         },
         "mean epilogue: gradients onto residuals and codebook partials",
     ),
@@ -301,7 +307,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "topk": Family(("topk._topk_kernel",), _topk_tiles, _both("M64 N64 w8 s3"), "distributional_topk"),
     "reduce": Family(
-        ("in_batch_pairs._finish_kernel", "sampled_negatives._finish_kernel", "in_batch_mean._finish_kernel"),
+        ("common._finish_kernel", "in_batch_mean._finish_kernel"),
         _fixed,
         _both("BLOCK1024 w8 s3"),
         "one-program reductions over B",
@@ -503,7 +509,7 @@ def grid_limits(device: torch.device | None) -> dict:
 
 
 def plan_grid(family: str, config: dict, device: torch.device | None, **sizes) -> dict:
-    """Grid values of a launch of ``family`` with ``config`` (aim: about 4 programs per SM):
+    """Grid values of a launch of ``family`` with ``config`` (aim: PROGRAMS_PER_SM programs an SM):
 
     "scores" (batch): row_programs P, tiles_per_split, splits of the in-batch forward: P row
         programs, enough splits of the column tiles to fill the GPU, each at least min_tiles;
@@ -515,7 +521,7 @@ def plan_grid(family: str, config: dict, device: torch.device | None, **sizes) -
     "topk" (batch, items): tiles_per_split, splits of the catalogue.
     """
     limits = grid_limits(device)
-    target = 4 * limits["sms"]
+    target = PROGRAMS_PER_SM * limits["sms"]
     if family == "scores":
         batch = sizes["batch"]
         row_programs = min(triton.cdiv(batch, config["BLOCK_M"]), limits["row_programs"])

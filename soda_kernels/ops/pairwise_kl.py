@@ -78,7 +78,8 @@ def pairwise_kl_op(p_logits: torch.Tensor, q_logits: torch.Tensor, weights: torc
     out = p_logits.new_empty((num_p, num_q), dtype=torch.float32)
     config = launch_config("pairwise", codes=num_codes)
     _pairwise_kl_kernel[(triton.cdiv(num_p, config["BLOCK_M"]), triton.cdiv(num_q, config["BLOCK_N"]))](
-        p_logits, q_logits, weights, out, num_p, num_q, num_layers, num_codes, PRECISION=SCORE_PRECISION, **config,
+        p_ptr=p_logits, q_ptr=q_logits, weights_ptr=weights, out_ptr=out, num_p=num_p, num_q=num_q,
+        num_layers=num_layers, num_codes=num_codes, PRECISION=SCORE_PRECISION, **config,
     )
     return out
 

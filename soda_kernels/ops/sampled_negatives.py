@@ -21,10 +21,10 @@ item logits update an online summary of its divergences, with m the running max 
     lse_a = m + log s,        D = t_p / s - log s,        D' = t_q + lse_a
 
 (a tile with a larger max m' rescales by r = e^(m - m'): s <- r s, t_p <- r (t_p - (m' - m) s)).
-Summaries live in ``summary`` (B, 1 + S, L, 4) float32, O(B S L), read back and rewritten per K
-tile by the program that owns them (every split needs the positive's: split 0 keeps it there, the
+Summaries live in ``summary`` (B, 1 + S, L, SUMMARY = 4) float32, O(B S L), read back and
+rewritten per K tile by the program that owns them (every split needs the positive's: split 0 keeps it there, the
 others in a spare copy). A last pass over the split's samples forms the scores and the split's
-partial sums of the terms, of their count and of sigmoid(s_bj - s_b0); ``_finish_kernel`` adds the
+partial sums of the terms, of their count and of sigmoid(s_bj - s_b0); ``finish`` (common) adds the
 splits in a fixed order and reduces. Saved for backward: the summaries, the scores (B, 1 + S), the
 users' log-sum-exps (B, L) and per row T_b and sigma_b = sum_j sigmoid(s_bj - s_b0): nothing of K.
 
@@ -56,22 +56,25 @@ from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
     clamp_rows,
+    code_tile,
     codebook_logits,
+    finish,
     layer_log_probs,
     layer_weight,
     load_rows,
     log_sum_exp,
     project_logit_grad_into,
+    row_scale,
     sigmoid,
     softplus,
-    store_reduction,
     sum_partials,
     sum_rows_by_sorted_index,
+    wide_operands,
 )
-from .in_batch_pairs import row_scale
 from .launch import launch_config, plan_grid, tune_if_asked
 
-SUMMARY = 4  # floats in a divergence summary (m, s, t_p, t_q); the kernels still write the literal 4
+SUMMARY = 4  # floats in a divergence summary (m, s, t_p, t_q)
+_SUMMARY = tl.constexpr(SUMMARY)
 
 
 @triton.jit
@@ -102,7 +105,8 @@ def _update_summary(m, s, t_p, t_q, a, log_q, q, tile_mask):
 
 @triton.jit
 def _load_summary(summary_ptr, mask):
-    """(m, s, t_p, t_q) at summary_ptr, (BLOCK_R,) pointers to 4 floats; the empty summary where masked."""
+    """(m, s, t_p, t_q) at summary_ptr, (BLOCK_R,) pointers to SUMMARY floats; the empty summary where
+    masked."""
     m = tl.load(summary_ptr, mask=mask, other=float("-inf"))
     s = tl.load(summary_ptr + 1, mask=mask, other=0.0)
     t_p = tl.load(summary_ptr + 2, mask=mask, other=0.0)
@@ -152,8 +156,9 @@ def _forward_kernel(
 
     user_ptr: (B, L, d) residuals or (B, L, K) logits (USER_LOGITS); items_ptr: (N, L, d);
     codebooks_ptr: (L, K, d); positives_ptr: (B,) int64; negatives_ptr: (B, S) int64, -1 padding;
-    weights_ptr: (L,) float32 or None (all ones). Writes summary_ptr: (B, 1 + S, L, 4) float32 the divergence summaries
-    of the split's negatives and, split 0, of the positive; spare_ptr: (splits, B, L, 4) the other
+    weights_ptr: (L,) float32 or None (all ones). Writes summary_ptr: (B, 1 + S, L, SUMMARY) float32
+    the divergence summaries of the split's negatives and, split 0, of the positive; spare_ptr:
+    (splits, B, L, SUMMARY) the other
     splits' own copies of the positive's; user_lse_ptr: (B, L) (split 0); scores_ptr: (B, 1 + S)
     s_bj (0 for padding; s_b0 by split 0); part_ptr: (3, splits, B) the split's sums of the terms,
     of their count and of sigmoid(s_bj - s_b0).
@@ -164,38 +169,41 @@ def _forward_kernel(
     first = 1 + split * split_size
     count = tl.minimum(split_size, num_negatives + 1 - first)  # the split's negatives
     samples = 1 + num_negatives
-    user_width = num_codes if USER_LOGITS else dim
-    positive_summary = tl.where(split == 0, summary_ptr + rows * samples * num_layers * 4,
-                                spare_ptr + (split * batch + rows) * num_layers * 4)
+    codebook_shape = (num_layers, num_codes, dim)
+    positive_summary = tl.where(split == 0, summary_ptr + rows * samples * num_layers * _SUMMARY,
+                                spare_ptr + (split * batch + rows) * num_layers * _SUMMARY)
     for layer in range(0, num_layers):
-        user_layer = user_ptr + layer * user_width
-        item_layer = items_ptr + layer * dim
-        codebook = codebooks_ptr + layer * num_codes * dim
-        lse_z = log_sum_exp(user_layer, num_layers * user_width, rows, row_mask, codebook, num_codes, dim,
-                            inv_user_temperature, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        lse_z = log_sum_exp(
+            user_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_user_temperature,
+            FROM_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         tl.store(user_lse_ptr + rows * num_layers + layer, lse_z, mask=row_mask & (split == 0))
         for k_start in range(0, num_codes, BLOCK_K):
-            codes = k_start + tl.arange(0, BLOCK_K)
-            code_mask = codes < num_codes
-            tile_mask = row_mask[:, None] & code_mask[None, :]
-            log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask,
-                                    dim, inv_user_temperature, lse_z, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+            codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+            log_q, q = layer_log_probs(
+                user_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask,
+                inv_user_temperature, lse_z, FROM_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+                BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            )
             for t in range(0, 1 + count):
                 sample = tl.where(t == 0, 0, first + t - 1)
                 item = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, sample, num_negatives)
                 valid = item >= 0  # past N: a summary of row N - 1, whose score the last pass makes NaN
-                a = codebook_logits(item_layer, num_layers * dim, clamp_rows(item, num_items), valid, codebook, codes,
-                                    code_mask, dim, inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-                summary = tl.where(t == 0, positive_summary, summary_ptr + (rows * samples + sample) * num_layers * 4)
-                summary += layer * 4
+                a = codebook_logits(
+                    items_ptr + layer * dim, num_layers * dim, clamp_rows(item, num_items), valid,
+                    codebooks_ptr + layer * num_codes * dim, codes, code_mask, dim, inv_temperature,
+                    BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+                )
+                summary = tl.where(t == 0, positive_summary,
+                                   summary_ptr + (rows * samples + sample) * num_layers * _SUMMARY)
+                summary += layer * _SUMMARY
                 m, s, t_p, t_q = _load_summary(summary, valid & (k_start > 0))
                 m, s, t_p, t_q = _update_summary(m, s, t_p, t_q, a, log_q, q, valid[:, None] & code_mask[None, :])
                 _store_summary(summary, m, s, t_p, t_q, row_mask)  # padding: a finite summary nothing reads
             tl.debug_barrier()  # the next tile (or the last pass) reads these summaries, maybe in other threads
     positive_score = tl.zeros((BLOCK_R,), tl.float32)
     for layer in range(0, num_layers):
-        m, s, t_p, t_q = _load_summary(positive_summary + layer * 4, row_mask)
+        m, s, t_p, t_q = _load_summary(positive_summary + layer * _SUMMARY, row_mask)
         positive_score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
     # An index outside [0, N) was not read (``clamp_rows``): its score is NaN.
     positive = _sample_items(positives_ptr, negatives_ptr, rows, row_mask, 0, num_negatives)
@@ -210,7 +218,7 @@ def _forward_kernel(
         inside = (item >= 0) & (item < num_items)
         score = tl.zeros((BLOCK_R,), tl.float32)
         for layer in range(0, num_layers):
-            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
+            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * _SUMMARY
             m, s, t_p, t_q = _load_summary(summary, valid)
             score -= layer_weight(weights_ptr, layer) * _divergence(m, s, t_p, t_q, SYMMETRIC)
         score = tl.where(valid, tl.where(inside, score, float("nan")), 0.0)
@@ -222,35 +230,6 @@ def _forward_kernel(
     tl.store(part_ptr + split * batch + rows, terms, mask=row_mask)
     tl.store(part_ptr + (splits + split) * batch + rows, terms_count, mask=row_mask)
     tl.store(part_ptr + (2 * splits + split) * batch + rows, sigmoids, mask=row_mask)
-
-
-@triton.jit
-def _finish_kernel(
-    part_ptr, loss_ptr, counts_ptr, total_ptr, sigmoid_sums_ptr, batch, num_splits,
-    REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program: per row t_b, T_b and sigma_b from the splits' partials part_ptr (3, splits, B),
-    added in split order; counts_ptr (B,) <- T_b, sigmoid_sums_ptr (B,) <- sigma_b, total_ptr () <-
-    sum_b T_b, loss_ptr () <- the mean over all terms or their sum, or (B,) <- t_b / max(T_b, 1)."""
-    term_sum = tl.zeros((BLOCK,), tl.float32)
-    count_sum = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, batch, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        row_mask = rows < batch
-        terms = tl.zeros((BLOCK,), tl.float32)
-        count = tl.zeros((BLOCK,), tl.float32)
-        sigmoids = tl.zeros((BLOCK,), tl.float32)
-        for split in range(0, num_splits):
-            terms += tl.load(part_ptr + split * batch + rows, mask=row_mask, other=0.0)
-            count += tl.load(part_ptr + (num_splits + split) * batch + rows, mask=row_mask, other=0.0)
-            sigmoids += tl.load(part_ptr + (2 * num_splits + split) * batch + rows, mask=row_mask, other=0.0)
-        tl.store(counts_ptr + rows, count, mask=row_mask)
-        tl.store(sigmoid_sums_ptr + rows, sigmoids, mask=row_mask)
-        if REDUCTION == "none":
-            tl.store(loss_ptr + rows, terms / tl.maximum(count, 1.0), mask=row_mask)
-        term_sum += terms
-        count_sum += count
-    store_reduction(loss_ptr, total_ptr, term_sum, count_sum, REDUCTION)
 
 
 @triton.jit
@@ -280,7 +259,6 @@ def _backward_kernel(
     row_mask = rows < batch
     samples = 1 + num_negatives
     user_width = num_codes if USER_LOGITS else dim
-    user_layer = user_ptr + layer * user_width
     item_layer = items_ptr + layer * dim
     codebook = codebooks_ptr + layer * num_codes * dim
     weight = layer_weight(weights_ptr, layer)
@@ -293,14 +271,14 @@ def _backward_kernel(
     g_mask = offs_g < dim
     grad_user_out = grad_user_ptr + rows[:, None] * num_layers * user_width
     grad_user_rows = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
-    part = codebook_part_ptr + (block * num_layers + layer) * num_codes * dim
+    partial_ptr = codebook_part_ptr + (block * num_layers + layer) * num_codes * dim
+    codebook_shape = (num_layers, num_codes, dim)
     for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < num_codes
-        tile_mask = row_mask[:, None] & code_mask[None, :]
-        log_q = layer_log_probs(user_layer, num_layers * user_width, rows, row_mask, codebook, codes, code_mask, dim,
-                                inv_user_temperature, lse_z, USER_LOGITS, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-        q = tl.where(tile_mask, tl.exp(log_q), 0.0)
+        codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+        log_q, q = layer_log_probs(
+            user_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_user_temperature,
+            lse_z, FROM_LOGITS=USER_LOGITS, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         grad_z = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
         grad_c = tl.zeros((BLOCK_K, BLOCK_G), tl.float32)
         column_sum = tl.zeros((BLOCK_K,), tl.float32)
@@ -313,13 +291,14 @@ def _backward_kernel(
             grad_kl = tl.where(sample == 0, weight * row_grad * sigmoid_sum,
                                -weight * row_grad * sigmoid(score - positive_score))
             grad_kl = tl.where(valid, grad_kl, 0.0)[:, None]
-            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * 4
+            summary = summary_ptr + ((rows * samples + sample) * num_layers + layer) * _SUMMARY
             m, s, t_p, t_q = _load_summary(summary, valid)
             lse_a, kl, reverse_kl = _divergences(m, s, t_p, t_q)
             sample_mask = valid[:, None] & code_mask[None, :]
-            log_p = layer_log_probs(item_layer, num_layers * dim, item_rows, valid, codebook, codes, code_mask, dim,
-                                    inv_temperature, lse_a, False, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
-            p = tl.where(sample_mask, tl.exp(log_p), 0.0)
+            log_p, p = layer_log_probs(
+                items_ptr, item_rows, valid, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
+                lse_a, FROM_LOGITS=False, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+            )
             grad_a = p * (log_p - log_q - kl[:, None])
             sample_grad_z = q - p
             if SYMMETRIC:
@@ -343,12 +322,14 @@ def _backward_kernel(
             tl.store(grad_user_out + layer * num_codes + codes[None, :], grad_z.to(grad_user_ptr.dtype.element_ty),
                      mask=tile_mask & (chunk == 0))
         else:
-            x_user = load_rows(user_layer + d_start, num_layers * dim, rows, row_mask, dim - d_start, BLOCK_G)
+            x_user = load_rows(user_ptr + layer * dim + d_start, num_layers * dim, rows, row_mask, dim - d_start,
+                               BLOCK_G)
             grad_user_rows, grad_c, user_sum = project_logit_grad_into(
                 2.0 * inv_user_temperature * grad_z, x_user, c, grad_user_rows, grad_c, PRECISION)
             column_sum += user_sum
         grad_c -= column_sum[:, None] * c.to(tl.float32)
-        tl.store(part + codes[:, None] * dim + offs_g[None, :], grad_c, mask=code_mask[:, None] & g_mask[None, :])
+        tl.store(partial_ptr + codes[:, None] * dim + offs_g[None, :], grad_c,
+                 mask=code_mask[:, None] & g_mask[None, :])
         tl.debug_barrier()  # the next tile adds to these occurrence rows, maybe in other threads
     if not USER_LOGITS:
         tl.store(grad_user_out + layer * dim + offs_g[None, :], grad_user_rows.to(grad_user_ptr.dtype.element_ty),
@@ -358,26 +339,20 @@ def _backward_kernel(
 FAMILIES = ("samples", "sample_grads")  # the launch families SODA_TUNE tunes for this op
 
 
-def _wide(items: torch.Tensor, codebooks: torch.Tensor) -> bool:
-    """Whether the residual-codebook products take float32 operands."""
-    return torch.float32 in (items.dtype, codebooks.dtype)
-
-
 @torch.library.custom_op("soda_kernels::sampled_bpr", mutates_args=())
 def sampled_bpr_op(
     user: torch.Tensor, items: torch.Tensor, codebooks: torch.Tensor, positives: torch.Tensor,
     negatives: torch.Tensor, weights: torch.Tensor | None,
     user_logits: bool, symmetric: bool, temperature: float, user_temperature: float, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the reduced loss, and for backward: the summaries (B, 1 + S, L, 4), the scores (B, 1 + S),
+    """(the reduced loss, and for backward: the summaries (B, 1 + S, L, SUMMARY), the scores (B, 1 + S),
     the users' log-sum-exps (B, L), T_b (B,), sum_b T_b (), sigma_b (B,); all float32)."""
-    (batch, num_negatives), num_layers = negatives.shape, codebooks.shape[0]
-    num_codes, dim = codebooks.shape[1:]
-    tune_if_asked(FAMILIES, device=user.device, batch=batch, wide=_wide(items, codebooks),
-                  run=lambda: _forward_backward(user, items, codebooks, positives, negatives, weights, user_logits,
-                                                symmetric, temperature, user_temperature, reduction))
-    config = launch_config("samples", device=user.device, batch=batch, codes=num_codes, dim=dim,
-                           wide=_wide(items, codebooks))
+    (batch, num_negatives), (num_layers, num_codes, dim) = negatives.shape, codebooks.shape
+    wide = wide_operands(user, items, codebooks)
+    tune_if_asked(FAMILIES, device=user.device, batch=batch, wide=wide,
+                  run=lambda: forward_backward(user, items, codebooks, positives, negatives, weights, user_logits,
+                                               symmetric, temperature, user_temperature, reduction))
+    config = launch_config("samples", device=user.device, batch=batch, codes=num_codes, dim=dim, wide=wide)
     row_blocks = triton.cdiv(batch, config["BLOCK_R"])
     grid = plan_grid("samples", config, user.device, row_blocks=row_blocks, negatives=num_negatives)
     split_size, splits = grid["split_size"], grid["splits"]
@@ -387,15 +362,14 @@ def sampled_bpr_op(
     spare = user.new_empty((splits, batch, num_layers, SUMMARY), dtype=torch.float32)
     part = user.new_empty((3, splits, batch), dtype=torch.float32)
     _forward_kernel[(row_blocks, splits)](
-        user, items, codebooks, positives, negatives, weights, summary, spare, user_lse, scores, part,
-        batch, items.shape[0], num_negatives, split_size, num_layers, num_codes, dim, 1.0 / user_temperature,
-        1.0 / temperature,
-        USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION, **config,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, positives_ptr=positives, negatives_ptr=negatives,
+        weights_ptr=weights, summary_ptr=summary, spare_ptr=spare, user_lse_ptr=user_lse, scores_ptr=scores,
+        part_ptr=part, batch=batch, num_items=items.shape[0], num_negatives=num_negatives, split_size=split_size,
+        num_layers=num_layers, num_codes=num_codes, dim=dim, inv_user_temperature=1.0 / user_temperature,
+        inv_temperature=1.0 / temperature, USER_LOGITS=user_logits, SYMMETRIC=symmetric, PRECISION=LOGIT_PRECISION,
+        **config,
     )
-    loss = user.new_empty(positives.shape if reduction == "none" else (), dtype=torch.float32)
-    counts, sigmoid_sums, total = torch.empty_like(user_lse[:, 0]), torch.empty_like(user_lse[:, 0]), loss.new_empty(())
-    _finish_kernel[(1,)](part, loss, counts, total, sigmoid_sums, batch, splits, REDUCTION=reduction,
-                         **launch_config("reduce"))
+    loss, counts, total, sigmoid_sums = finish(part[0], part[1], reduction, extra_parts=part[2])
     return loss, summary, scores, user_lse, counts, total, sigmoid_sums
 
 
@@ -428,16 +402,19 @@ def sampled_bpr_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (batch, num_negatives), (num_layers, num_codes, dim) = negatives.shape, codebooks.shape
     config = launch_config("sample_grads", device=user.device, batch=batch, codes=num_codes, dim=dim,
-                           wide=_wide(items, codebooks))
+                           wide=wide_operands(user, items, codebooks))
     row_blocks = triton.cdiv(batch, config["BLOCK_R"])
     grad_user = torch.empty_like(user)
     occurrence_grad = items.new_empty((batch, 1 + num_negatives, num_layers, dim), dtype=torch.float32)
     keys = negatives.new_empty((batch, 1 + num_negatives), dtype=torch.int32)  # items < 2^31
     codebook_part = codebooks.new_empty((row_blocks, num_layers, num_codes, dim), dtype=torch.float32)
     _backward_kernel[(row_blocks, num_layers, triton.cdiv(dim, config["BLOCK_G"]))](
-        user, items, codebooks, positives, negatives, weights, summary, user_lse, scores, sigmoid_sums,
-        grad_output.float().contiguous(), counts, total, grad_user, occurrence_grad, keys, codebook_part,
-        batch, items.shape[0], num_negatives, num_layers, num_codes, dim, 1.0 / user_temperature, 1.0 / temperature,
+        user_ptr=user, items_ptr=items, codebooks_ptr=codebooks, positives_ptr=positives, negatives_ptr=negatives,
+        weights_ptr=weights, summary_ptr=summary, user_lse_ptr=user_lse, scores_ptr=scores,
+        sigmoid_sums_ptr=sigmoid_sums, grad_ptr=grad_output.float().contiguous(), counts_ptr=counts, total_ptr=total,
+        grad_user_ptr=grad_user, occurrence_grad_ptr=occurrence_grad, keys_ptr=keys, codebook_part_ptr=codebook_part,
+        batch=batch, num_items=items.shape[0], num_negatives=num_negatives, num_layers=num_layers,
+        num_codes=num_codes, dim=dim, inv_user_temperature=1.0 / user_temperature, inv_temperature=1.0 / temperature,
         USER_LOGITS=user_logits, SYMMETRIC=symmetric, REDUCTION=reduction, PRECISION=LOGIT_PRECISION, **config,
     )
     sorted_keys, order = torch.sort(keys.flatten(), stable=True)
@@ -446,15 +423,8 @@ def sampled_bpr_backward(
     return grad_user, grad_items, sum_partials(codebook_part, codebooks.dtype)
 
 
-def _forward_backward(user, items, codebooks, positives, negatives, weights, *options):
-    """One forward and one backward (grad_output 1) of the op: what SODA_TUNE times."""
-    _, *saved = sampled_bpr_op(user, items, codebooks, positives, negatives, weights, *options)
-    grad_output = torch.ones(positives.shape if options[-1] == "none" else (), device=user.device)
-    return sampled_bpr_backward(grad_output, user, items, codebooks, positives, negatives, weights, *saved, *options)
-
-
 # Saved: user, items, codebooks, positives, negatives, weights; gradients for the first three.
-register_backward(sampled_bpr_op, sampled_bpr_backward, saved_inputs=6, grads=3)
+forward_backward = register_backward(sampled_bpr_op, sampled_bpr_backward, saved_inputs=6, grads=3)
 
 
 def sampled_bpr(user, items, codebooks, positives, negatives, *, user_logits, symmetric, temperature,

@@ -8,7 +8,7 @@ G = dLoss/dlog P:
     dLoss/da_k = G_k - P_k sum_j G_j          (sums to 0 over k)
 
 two passes over the K tiles (the row sums of G, then the logit gradient), projected onto the
-residuals and the codebook (``project_into_partial``); a program takes every P-th block of
+residuals and the codebook (``log_softmax_backward_tile``); a program takes every P-th block of
 rows, so that the codebook partials, summed in a fixed order by ``sum_partials``, stay few.
 """
 
@@ -21,11 +21,14 @@ import triton.language as tl
 from .autograd import register_backward
 from .common import (
     LOGIT_PRECISION,
-    codebook_logits,
+    code_tile,
+    layer_logits,
     load_rows,
+    log_softmax_backward_tile,
     log_sum_exp,
-    project_into_partial,
+    store_rows,
     sum_partials,
+    wide_operands,
 )
 from .launch import launch_config, plan_grid
 
@@ -40,17 +43,19 @@ def _forward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < num_rows
     layer = tl.program_id(1)
-    x_layer = x_ptr + layer * dim
-    codebook = codebooks_ptr + layer * num_codes * dim
-    lse = log_sum_exp(x_layer, num_layers * dim, rows, row_mask, codebook, num_codes, dim, inv_temperature, False,
-                      BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+    codebook_shape = (num_layers, num_codes, dim)
+    lse = log_sum_exp(
+        x_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, inv_temperature, FROM_LOGITS=False,
+        BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+    )
     for k_start in range(0, num_codes, BLOCK_K):
-        codes = k_start + tl.arange(0, BLOCK_K)
-        code_mask = codes < num_codes
-        logits = codebook_logits(x_layer, num_layers * dim, rows, row_mask, codebook, codes, code_mask, dim,
-                                 inv_temperature, BLOCK_R, BLOCK_K, BLOCK_D, PRECISION)
+        codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
+        logits = layer_logits(
+            x_ptr, rows, row_mask, codebooks_ptr, codebook_shape, layer, codes, code_mask, inv_temperature,
+            FROM_LOGITS=False, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, PRECISION=PRECISION,
+        )
         out = out_ptr + rows[:, None] * num_layers * num_codes + layer * num_codes + codes[None, :]
-        tl.store(out, logits - lse[:, None], mask=row_mask[:, None] & code_mask[None, :])
+        tl.store(out, logits - lse[:, None], mask=tile_mask)
 
 
 @triton.jit
@@ -67,9 +72,8 @@ def _backward_kernel(
     """
     program, layer = tl.program_id(0), tl.program_id(1)
     num_features = num_layers * num_codes
-    codebook = codebooks_ptr + layer * num_codes * dim
-    part = codebook_part_ptr + (program * num_layers + layer) * num_codes * dim
-    offs_d = tl.arange(0, BLOCK_DIM)
+    codebook_shape = (num_layers, num_codes, dim)
+    partial_ptr = codebook_part_ptr + (program * num_layers + layer) * num_codes * dim
     for block in range(program, tl.cdiv(num_rows, BLOCK_R), tl.num_programs(0)):
         rows = (block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_mask = rows < num_rows
@@ -78,27 +82,23 @@ def _backward_kernel(
         grad_x = tl.zeros((BLOCK_R, BLOCK_DIM), tl.float32)
         for step in range(0, 2):  # 0: sum_k G_k; 1: dLoss/da = G - P sum_k G_k, projected
             for k_start in range(0, num_codes, BLOCK_K):
-                codes = k_start + tl.arange(0, BLOCK_K)
-                code_mask = codes < num_codes
-                tile_mask = row_mask[:, None] & code_mask[None, :]
+                codes, code_mask, tile_mask = code_tile(k_start, num_codes, row_mask, BLOCK_K)
                 tile = rows[:, None] * num_features + layer * num_codes + codes[None, :]
                 grad = tl.load(grad_ptr + tile, mask=tile_mask, other=0.0)
-                if step == 0:
-                    grad_sum += tl.sum(grad, axis=1)
-                else:
-                    p = tl.where(tile_mask, tl.exp(tl.load(log_probs_ptr + tile, mask=tile_mask, other=0.0)), 0.0)
-                    grad_logits = 2.0 * inv_temperature * (grad - p * grad_sum[:, None])
-                    c = load_rows(codebook, dim, codes, code_mask, dim, BLOCK_DIM)
-                    grad_x = project_into_partial(grad_logits, x, c, grad_x, part, codes, code_mask, dim,
-                                                  block == program, PRECISION)
-        out = grad_x_ptr + rows[:, None] * num_layers * dim + layer * dim + offs_d[None, :]
-        tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_d < dim)[None, :])
+                used = tile_mask & (step > 0)  # P only in the second pass
+                p = tl.where(used, tl.exp(tl.load(log_probs_ptr + tile, mask=used, other=0.0)), 0.0)
+                grad_sum, grad_x = log_softmax_backward_tile(
+                    step, grad, p, tile_mask, grad_sum, grad_x, x, codebooks_ptr, codebook_shape, layer, codes,
+                    code_mask, partial_ptr, block == program, scale=2.0 * inv_temperature, out_ptr=None,
+                    out_rows=rows, FROM_LOGITS=False, BLOCK_DIM=BLOCK_DIM, PRECISION=PRECISION,
+                )
+        store_rows(grad_x_ptr + layer * dim, num_layers * dim, rows, row_mask, dim, grad_x)
         tl.debug_barrier()  # the next block adds to this program's partial, maybe in other threads
 
 
 def _config(kind: str, x: torch.Tensor, codebooks: torch.Tensor) -> dict:
     num_codes, dim = codebooks.shape[1:]
-    return launch_config(kind, codes=num_codes, dim=dim, wide=torch.float32 in (x.dtype, codebooks.dtype))
+    return launch_config(kind, codes=num_codes, dim=dim, wide=wide_operands(x, codebooks))
 
 
 @torch.library.custom_op("soda_kernels::codebook_log_softmax", mutates_args=())
@@ -107,8 +107,8 @@ def codebook_log_softmax_op(x: torch.Tensor, codebooks: torch.Tensor, temperatur
     out = x.new_empty((num_rows, num_layers, num_codes), dtype=torch.float32)
     config = _config("log_softmax", x, codebooks)
     _forward_kernel[(triton.cdiv(num_rows, config["BLOCK_R"]), num_layers)](
-        x, codebooks, out, num_rows, num_layers, num_codes, dim, 1.0 / temperature, PRECISION=LOGIT_PRECISION,
-        **config,
+        x_ptr=x, codebooks_ptr=codebooks, out_ptr=out, num_rows=num_rows, num_layers=num_layers, num_codes=num_codes,
+        dim=dim, inv_temperature=1.0 / temperature, PRECISION=LOGIT_PRECISION, **config,
     )
     return out
 
@@ -130,8 +130,9 @@ def codebook_log_softmax_backward(
     grad_x = torch.empty_like(x)
     codebook_part = codebooks.new_empty((programs, num_layers, num_codes, dim), dtype=torch.float32)
     _backward_kernel[(programs, num_layers)](
-        grad_log_probs.float().contiguous(), log_probs, x, codebooks, grad_x, codebook_part,
-        num_rows, num_layers, num_codes, dim, 1.0 / temperature, PRECISION=LOGIT_PRECISION, **config,
+        grad_ptr=grad_log_probs.float().contiguous(), log_probs_ptr=log_probs, x_ptr=x, codebooks_ptr=codebooks,
+        grad_x_ptr=grad_x, codebook_part_ptr=codebook_part, num_rows=num_rows, num_layers=num_layers,
+        num_codes=num_codes, dim=dim, inv_temperature=1.0 / temperature, PRECISION=LOGIT_PRECISION, **config,
     )
     return grad_x, sum_partials(codebook_part, codebooks.dtype)
 

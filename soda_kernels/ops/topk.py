@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..torch_backend import TOPK_EMPTY, decode_topk_keys
-from .common import SCORE_PRECISION, mma
+from .common import SCORE_PRECISION, mma, wide_operands
 from .launch import launch_config, plan_grid
 
 # The widest running list a program keeps on chip (k is padded to a power of two up to it).
@@ -118,7 +118,8 @@ def _topk_kernel(
             cols_ptr = probs_ptr if half == 0 else log_probs_ptr
             row_ptrs = rows_ptr + rows[:, None] * row_stride + half * num_features
             col_ptrs = cols_ptr + items[:, None] * num_features
-            acc = _score_tile(row_ptrs, row_mask, col_ptrs, item_mask, num_features, acc, BLOCK_F, PRECISION)
+            acc = _score_tile(row_ptrs, row_mask, col_ptrs, item_mask, num_features, acc, BLOCK_F=BLOCK_F,
+                              PRECISION=PRECISION)
         item_bias = tl.load(item_bias_ptr + items, mask=item_mask, other=0.0)
         eligible = row_mask[:, None] & item_mask[None, :]
         if excluded_ptr is not None:
@@ -156,7 +157,7 @@ def distributional_topk(rows, row_bias, probs, log_probs, item_bias, excluded_ro
     (batch, width), (num_items, num_features) = rows.shape, probs.shape
     symmetric = width == 2 * num_features
     list_width = topk_list_width(k)
-    config = launch_config("topk", width=list_width, wide=rows.dtype == torch.float32)
+    config = launch_config("topk", width=list_width, wide=wide_operands(rows, probs))
     row_blocks = triton.cdiv(batch, config["BLOCK_M"])
     grid = plan_grid("topk", config, rows.device, batch=batch, items=num_items)
     tiles_per_split, splits = grid["tiles_per_split"], grid["splits"]
@@ -166,22 +167,10 @@ def distributional_topk(rows, row_bias, probs, log_probs, item_bias, excluded_ro
         offsets = torch.searchsorted(excluded_rows, torch.arange(batch + 1, device=rows.device))
     out = torch.empty((batch, splits, list_width), dtype=torch.int64, device=rows.device)
     _topk_kernel[(row_blocks, splits)](
-        rows.contiguous(),
-        row_bias.float().contiguous(),
-        probs,
-        log_probs,
-        item_bias.float().contiguous(),
-        offsets,
-        excluded,
-        out,
-        batch,
-        num_items,
-        num_features,
-        tiles_per_split,
-        SYMMETRIC=symmetric,
-        TOPK=list_width,
-        PRECISION=SCORE_PRECISION,
-        **config,
+        rows_ptr=rows.contiguous(), row_bias_ptr=row_bias.float().contiguous(), probs_ptr=probs,
+        log_probs_ptr=log_probs, item_bias_ptr=item_bias.float().contiguous(), offsets_ptr=offsets,
+        excluded_ptr=excluded, out_ptr=out, batch=batch, num_items=num_items, num_features=num_features,
+        tiles_per_split=tiles_per_split, SYMMETRIC=symmetric, TOPK=list_width, PRECISION=SCORE_PRECISION, **config,
     )
     best = out.view(batch, splits * list_width).topk(min(k, splits * list_width), dim=1).values
     if best.shape[1] < k:
