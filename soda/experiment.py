@@ -412,6 +412,17 @@ def comparison_cells(comparison: dict) -> list[str]:
     return cells
 
 
+def seed_list(seeds: list[int]) -> str:
+    """How many seeds and which, runs of consecutive seeds joined: [0, 1, 2, 4] -> "4 (0-2, 4)"."""
+    spans, ordered = [], sorted(seeds)
+    for seed in ordered:
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return f"{len(ordered)} (" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) + ")"
+
+
 def write_summary(summary: dict, path: Path, title: str) -> None:
     """``path``.json and ``path``.md: one row per model (mean ± std over seeds), then each comparison
     (a row against a base row) with both bootstrap intervals, then each SODA row's retrieval and
@@ -426,7 +437,7 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
         trained = "epochs" in row and "best_epoch" in row  # records before early stopping have neither
         epochs = f"{row['epochs']['mean']:.1f} ({row['best_epoch']['mean']:.1f})" if trained else "–"
         cells += [epochs, f"{row['minutes']['mean']:.1f}"]
-        lines.append(f"| {name} | {len(row['seeds'])}/{summary['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {seed_list(row['seeds'])} | " + " | ".join(cells) + " |")
     comparisons = [comparison for comparison in summary["comparisons"] if comparison["seeds"]]
     if comparisons:
         lines += [
@@ -450,7 +461,9 @@ def write_summary(summary: dict, path: Path, title: str) -> None:
             " top 10 of the whole catalogue by SODA's score from the run's user head; fusion, the beam"
             " search's candidates re-ranked by log p + w·score, w chosen per seed on validation"
             " Recall@10. Each against the same run's beam search, same seeds and users, with the same"
-            " two paired bootstraps (over the test users only; over seeds, then test users).\n",
+            " two paired bootstraps (over the test users only; over seeds, then test users). A run whose"
+            " term has weight 0 (the control) never trains its user head: its retrieval is that of an"
+            " untrained head, a floor.\n",
             COMPARISON_HEADER + " | fusion weight per seed |",
             "|---" * 12 + "|",
         ]

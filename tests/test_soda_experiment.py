@@ -83,7 +83,7 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     )
     assert "tokenizer_final" not in json.loads((records / "sasrec-seed0.json").read_text())
     table = (tmp_path / "results" / "toy.md").read_text()
-    assert "| tiger+soda | 2/2 |" in table and json.loads((tmp_path / "results" / "toy.json").read_text()) == summary
+    assert "| tiger+soda | 2 (0-1) |" in table and json.loads((tmp_path / "results" / "toy.json").read_text()) == summary
     # each SODA row against TIGER, seed by seed, with the bootstraps computed from the records' ranks
     assert [(c["run"], c["base"]) for c in summary["comparisons"]] == [(run.name, "tiger") for run in runs[1:4]]
     comparison = summary["comparisons"][1]
@@ -109,9 +109,17 @@ def test_runs_are_recorded_skipped_and_summarized(tmp_path, monkeypatch):
     summary = run_all(runs, *arguments[:4], 3, *arguments[5:], only={"tiger+soda"})
     assert calls == [("tiger", True, 2)]  # the other runs of seed 2 wait; the table keeps their rows
     assert summary["rows"]["tiger+soda"]["seeds"] == [0, 1, 2] and summary["rows"]["tiger"]["seeds"] == [0, 1]
+    table = (tmp_path / "results" / "toy.md").read_text()  # each row says its own seeds
+    assert "| tiger+soda | 3 (0-2) |" in table and "| tiger | 2 (0-1) |" in table
     calls.clear()
     summary = run_all(runs, *arguments[:4], 3, *arguments[5:])
     assert [seed for _, _, seed in calls] == [2, 2, 2, 2] and summary["rows"]["tiger"]["seeds"] == [0, 1, 2]
+
+
+def test_a_rows_seeds_are_counted_and_listed_in_runs():
+    assert experiment.seed_list([5]) == "1 (5)"
+    assert experiment.seed_list([4, 0, 2, 1, 5]) == "5 (0-2, 4-5)"
+    assert experiment.seed_list([0, 2, 3, 4, 6]) == "5 (0, 2-4, 6)"
 
 
 def test_the_converged_preset_keeps_its_own_records_and_table(tmp_path, monkeypatch):
