@@ -505,7 +505,8 @@ def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
     """Two lines on what the converged experiment on ml-100k found, from the committed records under
     ``results_dir`` (those of results/<stem>.md and <stem>-ablation.md): TIGER+SODA against TIGER,
     and against its control (the same alternation without SODA's term, ``tiger+soda weight=0``),
-    each change with its paired bootstrap's 95% interval over the test users (``compare``); the
+    each change with both paired bootstraps' 95% intervals (``compare``: over the test users; over
+    seeds, then test users) and whether the term's share is told from zero (``told_from_zero``); the
     main job prints them beside its short run's table."""
     stem = table_stem(CONVERGED_DATASET, CONVERGED_PRESET)
     records_dir = results_dir / CONVERGED_DATASET / CONVERGED_PRESET
@@ -521,11 +522,13 @@ def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
     over_control = compare("tiger+soda weight=0", records["tiger+soda weight=0"], records["tiger+soda"])
 
     def change(comparison: dict) -> str:
-        bootstrap = comparison["users_bootstrap"]
-        return f"{percent(comparison['change'])} (95% {percent(bootstrap['low'])} to {percent(bootstrap['high'])})"
+        users, both = comparison["users_bootstrap"], comparison["hierarchical_bootstrap"]
+        return (
+            f"{percent(comparison['change'])} (95% {percent(users['low'])} to {percent(users['high'])} over the"
+            f" test users, {percent(both['low'])} to {percent(both['high'])} over seeds and users)"
+        )
 
-    low, high = over_control["users_bootstrap"]["low"], over_control["users_bootstrap"]["high"]
-    told = "above zero" if low > 0 else "below zero" if high < 0 else "not told from zero"
+    told = told_from_zero(over_control["users_bootstrap"], over_control["hierarchical_bootstrap"])
     return [
         f"The verdict is not this short run's but the converged experiment's ({len(soda['seeds'])} seeds, "
         f"results/{stem}.md): tiger+soda Recall@10 {soda['variant_recall@10']:.4f} against tiger "
@@ -534,3 +537,14 @@ def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
         f" {len(control['seeds'])} seeds): {control['variant_recall@10']:.4f}, {change(control)} on tiger; "
         f"tiger+soda on it {change(over_control)}: the term's own share {told}.",
     ]
+
+
+def told_from_zero(users: dict, both: dict) -> str:
+    """Whether a change is told from zero by its two 95% intervals (``low``, ``high``): over the
+    test users only, and over seeds and users (which counts the training's randomness too)."""
+    for side, outside in (("above", lambda b: b["low"] > 0), ("below", lambda b: b["high"] < 0)):
+        if outside(both):
+            return f"{side} zero, the training's randomness counted"
+        if outside(users):
+            return f"{side} zero over the test users, not told from zero once the seeds' spread is counted"
+    return "not told from zero"

@@ -14,7 +14,7 @@ import bench.train_parity
 import soda.__main__
 import soda.recipes
 import soda_kernels as sk
-from soda.experiment import REPOSITORY_RESULTS, converged_verdict
+from soda.experiment import REPOSITORY_RESULTS, converged_verdict, told_from_zero
 from soda.metrics import METRICS
 from tests.test_soda_alignment import tiny_recipe  # noqa: F401 (a fixture)
 
@@ -86,7 +86,21 @@ def test_verdict_reads_the_converged_records(tmp_path):
         "(2 seeds, results/ml-100k-cpu-converged.md): tiger+soda Recall@10 0.6000 against tiger 0.4000, +50%" in first
     )
     assert "0.5000, +25% (95% " in second and "tiger+soda on it +20% (95% " in second
+    assert " over the test users, " in second and " over seeds and users): the term's own share " in second
     assert REPOSITORY_RESULTS == ROOT / "results" and len(converged_verdict()) == 2  # the committed records
+
+
+def test_the_verdict_tells_a_share_from_zero_by_both_intervals():
+    def interval(low, high):
+        return {"low": low, "high": high}
+
+    assert told_from_zero(interval(0.01, 0.2), interval(0.005, 0.25)) == "above zero, the training's randomness counted"
+    assert told_from_zero(interval(0.001, 0.19), interval(-0.03, 0.23)).startswith(
+        "above zero over the test users, not told from zero once"
+    )
+    assert told_from_zero(interval(-0.3, -0.1), interval(-0.4, 0.02)).startswith("below zero over the test users")
+    assert told_from_zero(interval(-0.3, -0.1), interval(-0.4, -0.01)).startswith("below zero, the training's")
+    assert told_from_zero(interval(-0.03, 0.17), interval(-0.07, 0.24)) == "not told from zero"
 
 
 def test_verdict_without_the_records_says_where_they_are(tmp_path):
