@@ -522,11 +522,8 @@ def converged_verdict(results_dir: Path = REPOSITORY_RESULTS) -> list[str]:
     over_control = compare("tiger+soda weight=0", records["tiger+soda weight=0"], records["tiger+soda"])
 
     def change(comparison: dict) -> str:
-        users, both = comparison["users_bootstrap"], comparison["hierarchical_bootstrap"]
-        return (
-            f"{percent(comparison['change'])} (95% {percent(users['low'])} to {percent(users['high'])} over the"
-            f" test users, {percent(both['low'])} to {percent(both['high'])} over seeds and users)"
-        )
+        users, both = (interval(comparison[key])[0] for key in ("users_bootstrap", "hierarchical_bootstrap"))
+        return f"{percent(comparison['change'])} (95% {users} over the test users, {both} over seeds and users)"
 
     told = told_from_zero(over_control["users_bootstrap"], over_control["hierarchical_bootstrap"])
     return [
